@@ -1,0 +1,5 @@
+"""Tiny random models and a tiny trained tokenizer, for tests and benchmarks (no download, seconds to build)."""
+
+from chainlora.testing.tiny import TINY_CORPUS, tiny_causal_lm, tiny_model_dir, tiny_tokenizer
+
+__all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_model_dir", "tiny_tokenizer"]

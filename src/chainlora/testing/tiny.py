@@ -1,0 +1,102 @@
+"""Tiny random causal LMs (Llama or OPT shapes) and a byte-level BPE tokenizer trained on the spot.
+
+Everything here builds offline in about a second, so unit tests never need a download or a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+TINY_CORPUS = [
+    "The capital of France is Paris. It was great. It was terrible.",
+    "Does this mean that the hypothesis is true? Yes or No? Maybe.",
+    "Suppose the premise holds. Can we infer that it is raining? Yes, No, or Maybe?",
+    "Question: who wrote the book? Answer: the author wrote it in 1999.",
+    "Title: Normans Context: The Normans were a people in France. Question: where? Answer: France",
+    "the man broke his toe so he dropped a hammer because the glass fell",
+    "In the previous sentence, does the pronoun refer to the dog? I found this answer correct.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"-()@#",
+]
+
+Arch = Literal["llama", "opt"]
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (BOS added to every encoding, like Llama's), trained on TINY_CORPUS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+    )
+
+
+def tiny_causal_lm(
+    arch: Arch = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> PreTrainedModel:
+    """A randomly initialised fp32 causal LM with q_proj/v_proj attention projections (OPT has biases)."""
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        )
+    elif arch == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}: expected 'llama' or 'opt'")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def tiny_model_dir(path: str | Path, arch: Arch = "llama", seed: int = 0) -> Path:
+    """Save a tiny model and its tokenizer as a standard HF folder (loadable by ``from_pretrained``)."""
+    path = Path(path)
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm(arch, vocab_size=len(tokenizer), seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

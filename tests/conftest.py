@@ -1,0 +1,51 @@
+"""Shared fixtures: every test is seeded and uses tiny models built from configs (fp32, CPU, no download)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chainlora.testing import tiny_causal_lm, tiny_model_dir, tiny_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_model(request, tokenizer):
+    """A fresh tiny random causal LM of each architecture (vocab matches the tiny tokenizer)."""
+    return tiny_causal_lm(request.param, vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real task copies beside the project (``../shared/data``); tests needing them skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
