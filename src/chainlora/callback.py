@@ -1,0 +1,152 @@
+"""COLA inside any HF ``Trainer`` (or TRL ``SFTTrainer``): a callback that ties knots at scheduled steps.
+
+The Trainer keeps its own optimizer and LR scheduler: a knot clears the links' optimizer state in place, and
+the scheduler's global schedule simply continues across links (the paper's natural reading). Checkpoints get
+the chain state (``chainlora_chain.safetensors``) beside the adapter, and ``trainer.train(
+resume_from_checkpoint=...)`` restores it *before* the Trainer loads the adapter, so resuming mid-chain, even
+after a rank step-down, continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from chainlora.chain import Init, KnotRecord, chain_length, lora_layers, tie_knot
+from chainlora.errors import ConfigError
+from chainlora.state import CHAIN_STATE_FILE, load_chain_state, save_chain_state
+
+logger = logging.getLogger("chainlora")
+
+
+class KnotSchedule(Protocol):
+    """What the callback needs from a schedule (``ChainSchedule`` and the adaptive one both provide it)."""
+
+    def knot_due(self, step: int, loss: float | None = None) -> bool: ...
+
+    def rank_of_link(self, link: int) -> int | None: ...
+
+
+def knot_generator(seed: int, link: int) -> torch.Generator:
+    """The RNG that initialises link ``link``: a pure function of (seed, link), so every process of a
+    distributed run, and a resumed run, draw the very same A."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + link)
+
+
+class ChainOfLoRACallback(TrainerCallback):
+    """Ties a COLA knot (:func:`chainlora.tie_knot`) after each scheduled optimizer step.
+
+    ``seed`` (default: the Trainer's ``args.seed``) seeds each new link's A; ``precise`` and
+    ``max_relative_delta`` are passed to ``tie_knot``. ``knots`` lists the knots tied so far (restored on
+    resume). Rank changes under DDP/FSDP need the distributed wrapper to be rebuilt: use ``chainlora train``.
+    """
+
+    def __init__(
+        self,
+        schedule: KnotSchedule,
+        *,
+        init: Init = "gaussian",
+        seed: int | None = None,
+        precise: bool | None = None,
+        max_relative_delta: float | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.init = init
+        self.seed = seed
+        self.precise = precise
+        self.max_relative_delta = max_relative_delta
+        self.knots: list[KnotRecord] = []
+        self.last_loss: float | None = None
+        self._restored_from: str | None = None
+
+    # -- resume: restore the chain before the Trainer loads the (possibly re-ranked) adapter ---------------
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw
+    ):
+        if model is None or not hasattr(model, "load_adapter") or getattr(model, "_chainlora_hooked", False):
+            return
+        original_load_adapter = model.load_adapter
+
+        def load_adapter(model_id, *args, **kwargs):
+            if (Path(str(model_id)) / CHAIN_STATE_FILE).is_file():
+                self.restore(model, model_id)
+            return original_load_adapter(model_id, *args, **kwargs)
+
+        model.load_adapter = load_adapter
+        model._chainlora_hooked = True
+
+    def restore(self, model, checkpoint_dir: str | os.PathLike) -> None:
+        """Restore the chain (base weights, links, ranks, knot records) saved in ``checkpoint_dir``."""
+        self.knots = load_chain_state(model, checkpoint_dir)
+        self._restored_from = str(checkpoint_dir)
+        logger.info("chainlora: restored a chain of %d link(s) from %s", chain_length(model), checkpoint_dir)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        total = getattr(self.schedule, "total_steps", None)
+        if total is not None and state.max_steps and total != state.max_steps:
+            raise ConfigError(
+                f"the chain schedule was built for {total} optimizer steps but the Trainer runs {state.max_steps}"
+            )
+        first_rank = self.schedule.rank_of_link(1)
+        if first_rank is not None and model is not None:
+            ranks = {layer.r[a] for _, layer, a in lora_layers(model)}
+            if state.global_step == 0 and ranks != {first_rank}:
+                raise ConfigError(
+                    f"schedule's first link has rank {first_rank} but the LoRA layers have {ranks}"
+                )
+        if state.global_step > 0 and self._restored_from is None:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if (checkpoint / CHAIN_STATE_FILE).is_file():
+                self.restore(model, checkpoint)
+            elif any(self.schedule.knot_due(s) for s in range(1, state.global_step + 1)):
+                raise ConfigError(
+                    f"resuming at step {state.global_step} after a knot, but {checkpoint} has no chain state"
+                )
+
+    # -- the knot ---------------------------------------------------------------------------------------
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        if not self.schedule.knot_due(state.global_step, self.last_loss):
+            return
+        link = chain_length(model)
+        seed = args.seed if self.seed is None else self.seed
+        record = tie_knot(
+            model,
+            optimizer,
+            rank=self.schedule.rank_of_link(link + 1),
+            init=self.init,
+            generator=knot_generator(seed, link + 1),
+            precise=self.precise,
+            max_relative_delta=self.max_relative_delta,
+        )
+        record = dataclasses.replace(record, step=state.global_step)
+        self.knots.append(record)
+        state.log_history.append(
+            {
+                "step": state.global_step,
+                "knot": record.link,
+                "next_rank": record.next_rank,
+                "delta_norm": record.delta_norm,
+            }
+        )
+        logger.info(
+            "chainlora: knot %d at step %d (merged ‖ΔW‖=%.4g over %d layers), next link rank %d",
+            record.link,
+            state.global_step,
+            record.delta_norm,
+            record.layers,
+            record.next_rank,
+        )
+
+    def on_save(self, args, state, control, model=None, **kw):
+        if args.should_save:
+            save_chain_state(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", self.knots)

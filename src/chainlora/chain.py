@@ -1,0 +1,397 @@
+"""The Chain of LoRA algorithm (COLA, arXiv 2401.04151, Algorithm 1), on PEFT's LoRA layers.
+
+One *link* is a LoRA adapter ``W·x + s·B·A·x`` (``s = α/r``, or ``α/√r`` with rsLoRA) trained with W frozen.
+At a *knot* τ_i the chain is extended::
+
+    tie the knot       W ← W + s·B·A            (computed in fp32; refused, model untouched, if not finite)
+    extend the chain   A ← random, B ← 0        (optionally with a new rank: "rank step-down")
+    reset              optimizer state of A, B cleared, so the next step is a true first step
+
+Invariant (function-preserving): right after a knot B = 0, so the model computes exactly what it computed
+just before it; only the split between "base" and "link" has moved. After k knots the base weight is
+``W0 + Σ_i s_i·B_i·A_i``: a sum of rank-r updates, which can reach a rank-k·r update that one rank-r LoRA
+cannot (the paper's Frank-Wolfe view). ``merge_chain`` folds the last link in and removes the LoRA modules,
+leaving a plain model with zero inference overhead.
+
+Where the knots go is a :class:`ChainSchedule`; the HF ``Trainer`` hook is ``chainlora.callback``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from chainlora.errors import ChainLoRAError, ConfigError
+
+Init = Literal["gaussian", "kaiming"]
+
+
+class KnotError(ChainLoRAError):
+    """A knot was refused (non-finite or exploding delta, unsupported layer); the model was left unchanged."""
+
+
+@dataclass(frozen=True)
+class TiedLink:
+    """One link already merged into the base: ``s·B·A`` (+ ``s·b`` for a LoRA bias), kept on CPU in fp32."""
+
+    lora_A: torch.Tensor  # (r, in_features)
+    lora_B: torch.Tensor  # (out_features, r)
+    scaling: float
+    lora_B_bias: torch.Tensor | None = None  # (out_features,)
+
+
+@dataclass(frozen=True)
+class KnotRecord:
+    """What one knot did: which link it tied, the rank of the next link, and the size of the merged update."""
+
+    link: int  # 1-based index of the link just merged into the base
+    next_rank: int  # rank of the link that trains next
+    delta_norm: float  # Frobenius norm of all merged updates together (weights and biases)
+    layers: int  # number of LoRA layers merged
+    step: int | None = None  # optimizer step at which it was tied (set by the training loop)
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear, str]]:
+    """Yield ``(module name, LoRA layer, adapter name)`` for every active LoRA link in ``model``.
+
+    Only PEFT's plain ``lora.Linear`` over a floating-point ``nn.Linear`` can be tied: merging into a quantized
+    base is lossy and a DoRA/variant link is not ``s·B·A``, so both are refused with a clear error.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if type(module) is not LoraLinear or adapter in getattr(module, "lora_variant", {}):
+                raise KnotError(
+                    f"{name}: only plain LoRA on nn.Linear can be tied, not {type(module).__name__}"
+                )
+            weight = module.get_base_layer().weight
+            if not weight.is_floating_point():
+                raise KnotError(
+                    f"{name}: base weight is {weight.dtype} (quantized); a knot cannot merge into it"
+                )
+            if module.merged:
+                raise KnotError(
+                    f"{name}: adapter is merged by PEFT (merge_adapter); unmerge it before a knot"
+                )
+            yield name, module, adapter
+
+
+@torch.no_grad()
+def link_delta(layer: LoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The current link's update ``s·B·A`` (shaped like the base weight) and bias update ``s·b``, in fp32."""
+    scaling = layer.scaling[adapter]
+    delta = (layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()) * scaling
+    if layer.fan_in_fan_out:
+        delta = delta.T
+    bias = layer.lora_B[adapter].bias
+    return delta, (bias.float() * scaling if bias is not None else None)
+
+
+def _merge_into_base(layer: LoraLinear, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
+    """``W ← W + delta`` in fp32. With an fp32 master copy (see ``precise``) the sum is kept exact in fp32 and
+    only its rounding is written to a half-precision W, so repeated knots do not accumulate rounding error."""
+    base = layer.get_base_layer()
+    master = getattr(layer, "chainlora_master_weight", None)
+    with torch.no_grad():
+        if master is not None:
+            master.add_(delta.to(master.device))
+            base.weight.copy_(master)
+        else:
+            base.weight.copy_(base.weight.float() + delta)
+        if bias_delta is not None:
+            if base.bias is None:
+                raise KnotError("LoRA bias (lora_bias=True) needs a bias in the base layer to merge into")
+            base.bias.copy_(base.bias.float() + bias_delta)
+
+
+def _new_lora_A(shape: tuple[int, int], init: Init, generator: torch.Generator | None) -> torch.Tensor:
+    """A fresh A on CPU in fp32: Gaussian std 1/r (the paper, PEFT's "gaussian") or Kaiming-uniform a=√5 (PEFT's
+    default). Drawn from ``generator`` when given, so every process of a distributed run draws the same A."""
+    a = torch.empty(shape)
+    if init == "gaussian":
+        return a.normal_(0.0, 1.0 / shape[0], generator=generator)
+    if init == "kaiming":
+        return nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    raise ConfigError(f"unknown LoRA init {init!r}: expected 'gaussian' or 'kaiming'")
+
+
+def _extend_link(
+    layer: LoraLinear, adapter: str, rank: int, init: Init, generator: torch.Generator | None
+) -> dict[nn.Parameter, nn.Parameter]:
+    """Start the next link: A random, B = 0 (and its bias 0). Same rank: in place, the parameters stay the same
+    objects (an optimizer, DDP or a compiled graph keeps working). New rank: new A, B modules; returns the map
+    old parameter → new parameter so the optimizer can be pointed at them."""
+    old_A, old_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    replaced: dict[nn.Parameter, nn.Parameter] = {}
+    if rank != layer.r[adapter]:
+        kwargs = {"device": old_A.weight.device, "dtype": old_A.weight.dtype}
+        layer.lora_A[adapter] = nn.Linear(layer.in_features, rank, bias=False, **kwargs)
+        layer.lora_B[adapter] = nn.Linear(rank, layer.out_features, bias=old_B.bias is not None, **kwargs)
+        layer.r[adapter] = rank
+        alpha = layer.lora_alpha[adapter]
+        layer.scaling[adapter] = alpha / math.sqrt(rank) if layer.use_rslora[adapter] else alpha / rank
+        for old, new in ((old_A, layer.lora_A[adapter]), (old_B, layer.lora_B[adapter])):
+            for old_p, new_p in zip(old.parameters(), new.parameters(), strict=True):
+                new_p.requires_grad_(old_p.requires_grad)
+                replaced[old_p] = new_p
+    A, B = layer.lora_A[adapter], layer.lora_B[adapter]
+    with torch.no_grad():
+        A.weight.copy_(_new_lora_A(tuple(A.weight.shape), init, generator))
+        B.weight.zero_()
+        if B.bias is not None:
+            B.bias.zero_()
+    return replaced
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], replaced: dict | None = None
+) -> None:
+    """Clear **all** state (moments *and* step counter) of ``params``, so the next update is exactly a first
+    update, bias correction included (zeroing Adam's moments but keeping ``step`` would make it ~3× too large).
+    Parameters in ``replaced`` (old → new, after a rank change) are swapped in their param groups in place, so
+    the LR scheduler keeps driving the same groups."""
+    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
+        optimizer = optimizer.optimizer
+    replaced = replaced or {}
+    for p in params:
+        optimizer.state.pop(p, None)
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(p, p) for p in group["params"]]
+
+
+# ----------------------------------------------------------------------------------------------- knot
+
+
+def tie_knot(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    rank: int | None = None,
+    init: Init = "gaussian",
+    generator: torch.Generator | None = None,
+    precise: bool | None = None,
+    keep_links: bool = True,
+    max_relative_delta: float | None = None,
+) -> KnotRecord:
+    """Tie one COLA knot on every active LoRA link of ``model`` and extend the chain.
+
+    1. merge: ``W ← W + s·B·A`` (and ``b ← b + s·b_B`` with a LoRA bias), computed in fp32. Every delta is
+       checked first: if any is non-finite (or larger than ``max_relative_delta``·‖W‖) a :class:`KnotError` is
+       raised and nothing is changed.
+    2. extend: A re-initialised (``init``: ``"gaussian"`` as in the paper, or ``"kaiming"``), B = 0; with
+       ``rank`` the next link gets that rank (scaling follows α/r, or α/√r with rsLoRA).
+    3. reset: all state of the links' parameters in ``optimizer`` is cleared (and, on a rank change, the new
+       parameters replace the old ones in its param groups).
+
+    Function-preserving: the model's outputs are unchanged by the knot (B = 0 afterwards).
+    ``precise`` keeps an fp32 master copy of each targeted base weight so repeated merges into bf16/fp16 stay
+    exact (default: on when the base weight is not fp32; costs 4 bytes per targeted weight element).
+    ``keep_links`` stores each tied link (CPU, fp32) so ``chainlora.export_adapter`` can ship the whole chain.
+    Never uses PEFT's ``merge_adapter()``, which would switch the LoRA branch off for the next link.
+    """
+    if rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise ConfigError(f"rank of the next link must be a positive integer, got {rank!r}")
+    layers = list(lora_layers(model))
+    if not layers:
+        raise KnotError("no active LoRA layer found: wrap the model with peft.get_peft_model(...) first")
+    if rank is not None:
+        for name, layer, _ in layers:
+            if rank > min(layer.in_features, layer.out_features):
+                raise ConfigError(
+                    f"rank {rank} is larger than layer {name} ({layer.out_features}×{layer.in_features})"
+                )
+
+    # 1. check every delta before touching anything (two passes: a rank-r product is cheap, memory is not)
+    squared_norm = 0.0
+    for name, layer, adapter in layers:
+        delta, bias_delta = link_delta(layer, adapter)
+        norm_sq = float(delta.square().sum()) + (
+            float(bias_delta.square().sum()) if bias_delta is not None else 0.0
+        )
+        if not math.isfinite(norm_sq):
+            raise KnotError(f"refusing knot: the update of {name} is not finite (model left unchanged)")
+        if max_relative_delta is not None:
+            weight_norm = float(layer.get_base_layer().weight.float().norm())
+            if math.sqrt(norm_sq) > max_relative_delta * weight_norm:
+                raise KnotError(
+                    f"refusing knot: ‖ΔW‖ of {name} is {math.sqrt(norm_sq):.3g}, over {max_relative_delta}·‖W‖ "
+                    f"= {max_relative_delta * weight_norm:.3g} (model left unchanged)"
+                )
+        squared_norm += norm_sq
+
+    links_tied = 0
+    old_params, replaced = [], {}
+    for _, layer, adapter in layers:
+        # 1. tie the knot
+        weight = layer.get_base_layer().weight
+        use_master = precise if precise is not None else weight.dtype != torch.float32
+        if use_master and getattr(layer, "chainlora_master_weight", None) is None:
+            layer.chainlora_master_weight = weight.detach().float().clone()
+        delta, bias_delta = link_delta(layer, adapter)
+        _merge_into_base(layer, delta, bias_delta)
+        if keep_links:
+            bias = layer.lora_B[adapter].bias
+            layer.chainlora_links = [
+                *getattr(layer, "chainlora_links", []),
+                TiedLink(
+                    lora_A=layer.lora_A[adapter].weight.detach().float().cpu().clone(),
+                    lora_B=layer.lora_B[adapter].weight.detach().float().cpu().clone(),
+                    scaling=float(layer.scaling[adapter]),
+                    lora_B_bias=bias.detach().float().cpu().clone() if bias is not None else None,
+                ),
+            ]
+        layer.chainlora_knots = getattr(layer, "chainlora_knots", 0) + 1
+        links_tied = layer.chainlora_knots
+        # 2. extend the chain
+        old_params += [*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()]
+        replaced |= _extend_link(layer, adapter, rank or layer.r[adapter], init, generator)
+
+    if rank is not None:
+        _record_rank_in_peft_config(model, rank)
+    # 3. reset the optimizer
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, old_params, replaced)
+    next_rank = layers[0][1].r[layers[0][2]]
+    return KnotRecord(
+        link=links_tied, next_rank=next_rank, delta_norm=math.sqrt(squared_norm), layers=len(layers)
+    )
+
+
+def _record_rank_in_peft_config(model: nn.Module, rank: int) -> None:
+    """Keep ``peft_config`` truthful after a rank change, so ``save_pretrained`` writes a loadable adapter."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.r = rank
+        config.rank_pattern = {}
+
+
+def merge_chain(model: nn.Module) -> nn.Module:
+    """Fold the current link into the base (the last knot, with no extension) and remove every LoRA module.
+
+    Returns the plain transformers model: same parameter count as before LoRA, zero inference overhead.
+    """
+    for _, layer, adapter in list(lora_layers(model)):
+        delta, bias_delta = link_delta(layer, adapter)
+        if not torch.isfinite(delta).all():
+            raise KnotError("refusing final merge: the current link is not finite")
+        _merge_into_base(layer, delta, bias_delta)
+    return model.unload() if hasattr(model, "unload") else model
+
+
+def chain_length(model: nn.Module) -> int:
+    """Number of links so far: knots tied + the current one."""
+    return max((getattr(layer, "chainlora_knots", 0) for _, layer, _ in lora_layers(model)), default=0) + 1
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class ChainSchedule:
+    """Where the knots go and the rank of each link, in optimizer steps.
+
+    ``knots[i]`` is the optimizer step after which knot i+1 is tied (link 1 trains steps 1..knots[0]).
+    ``ranks`` (optional) gives the rank of every link, ``len(knots) + 1`` entries; ``None`` keeps the LoRA
+    config's rank. The total budget (``total_steps``) is the same as plain LoRA's: a schedule only splits it.
+    Validated on construction: sorted, unique knots strictly inside ``(0, total_steps)``, positive ranks.
+    """
+
+    knots: tuple[int, ...]
+    total_steps: int
+    ranks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "knots", tuple(self.knots))
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", tuple(self.ranks))
+        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
+            raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
+        for k in self.knots:
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise ConfigError(f"knot {k!r} is not an integer optimizer step")
+            if not 0 < k < self.total_steps:
+                raise ConfigError(
+                    f"knot at step {k} is outside the training budget (1..{self.total_steps - 1})"
+                )
+        for a, b in zip(self.knots, self.knots[1:], strict=False):
+            if b == a:
+                raise ConfigError(f"duplicate knot at step {a}")
+            if b < a:
+                raise ConfigError(f"knots must be sorted: step {b} comes after step {a}")
+        if self.ranks is not None:
+            if len(self.ranks) != len(self.knots) + 1:
+                raise ConfigError(
+                    f"ranks {list(self.ranks)} has {len(self.ranks)} entries; a chain with {len(self.knots)} "
+                    f"knot(s) has {len(self.knots) + 1} links"
+                )
+            for r in self.ranks:
+                if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                    raise ConfigError(f"link rank must be a positive integer, got {r!r}")
+
+    @classmethod
+    def even(
+        cls,
+        chain_length: int,
+        total_steps: int,
+        *,
+        steps_per_epoch: int | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> ChainSchedule:
+        """``chain_length`` links over ``total_steps``. With ``steps_per_epoch`` knots fall on epoch boundaries
+        as in the paper (5 epochs, length 2 → link 1 = epochs 1–3, link 2 = epochs 4–5: knot i after epoch
+        ⌈i·E/M⌉); otherwise on steps ``round(i·T/M)``."""
+        if not isinstance(chain_length, int) or chain_length < 1:
+            raise ConfigError(f"chain length must be a positive integer, got {chain_length!r}")
+        if steps_per_epoch:
+            epochs = math.ceil(total_steps / steps_per_epoch)
+            if chain_length > epochs:
+                raise ConfigError(
+                    f"chain length {chain_length} is longer than the {epochs} epoch(s) of training"
+                )
+            knots = [steps_per_epoch * math.ceil(i * epochs / chain_length) for i in range(1, chain_length)]
+        else:
+            if chain_length > total_steps:
+                raise ConfigError(
+                    f"chain length {chain_length} is longer than the {total_steps} training steps"
+                )
+            knots = [round(i * total_steps / chain_length) for i in range(1, chain_length)]
+        return cls(tuple(knots), total_steps, tuple(ranks) if ranks is not None else None)
+
+    @classmethod
+    def from_fractions(
+        cls, fractions: Sequence[float], total_steps: int, *, ranks: Sequence[int] | None = None
+    ) -> ChainSchedule:
+        """Knots at fractions of the budget, e.g. ``(0.6,)`` over 5 epochs = a knot after epoch 3."""
+        for f in fractions:
+            if not 0.0 < f < 1.0:
+                raise ConfigError(f"knot fraction {f!r} must be strictly between 0 and 1")
+        knots = tuple(round(f * total_steps) for f in fractions)
+        return cls(knots, total_steps, tuple(ranks) if ranks is not None else None)
+
+    @property
+    def chain_length(self) -> int:
+        return len(self.knots) + 1
+
+    def knot_due(self, step: int, loss: float | None = None) -> bool:
+        """True when a knot is to be tied right after optimizer step ``step``."""
+        return step in self.knots
+
+    def rank_of_link(self, link: int) -> int | None:
+        """Rank of the 1-based ``link`` (``None``: keep the configured rank)."""
+        return self.ranks[link - 1] if self.ranks is not None else None
+
+    def link_at(self, step: int) -> int:
+        """1-based index of the link that trains optimizer step ``step`` (steps start at 1)."""
+        return 1 + sum(1 for k in self.knots if k < step)
