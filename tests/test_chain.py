@@ -208,7 +208,7 @@ def test_fp32_master_keeps_repeated_bf16_merges_exact(tokenizer):
     def merged_error(precise: bool) -> float:
         torch.manual_seed(0)
         model = lora(tiny_causal_lm("llama", vocab_size=len(tokenizer)).to(torch.bfloat16), r=4)
-        name, layer, adapter = next(iter(lora_layers(model)))
+        _, layer, adapter = next(iter(lora_layers(model)))
         exact = layer.get_base_layer().weight.double().clone()
         for _ in range(20):
             with torch.no_grad():
