@@ -74,7 +74,9 @@ def test_base_equals_w0_plus_sum_of_links_and_final_merge_is_plain_model(tiny_mo
     for _ in range(3):
         perturb_links(model)
         for name, layer, adapter in lora_layers(model):
-            expected[name] += layer.scaling[adapter] * layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
+            expected[name] += (
+                layer.scaling[adapter] * layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
+            )
         tie_knot(model)
     for name, weight in base_weights(model).items():
         assert torch.linalg.norm(weight - expected[name]) <= 1e-6 * torch.linalg.norm(expected[name])
@@ -248,6 +250,8 @@ def test_reset_optimizer_state_unwraps_wrappers():
         ({"knots": (3,), "total_steps": 10, "ranks": (8, 4, 2)}, "2 links"),
         ({"knots": (3,), "total_steps": 10, "ranks": (8, 0)}, "positive"),
         ({"knots": (3,), "total_steps": 0}, "total_steps"),
+        ({"knots": (), "total_steps": True}, "total_steps"),
+        ({"knots": (2.5,), "total_steps": 10}, "integer"),
     ],
 )
 def test_schedule_validation_names_the_bad_value(kwargs, message):

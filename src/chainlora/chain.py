@@ -316,7 +316,11 @@ class ChainSchedule:
         object.__setattr__(self, "knots", tuple(self.knots))
         if self.ranks is not None:
             object.__setattr__(self, "ranks", tuple(self.ranks))
-        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
+        if (
+            not isinstance(self.total_steps, int)
+            or isinstance(self.total_steps, bool)
+            or self.total_steps <= 0
+        ):
             raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
         for k in self.knots:
             if not isinstance(k, int) or isinstance(k, bool):
