@@ -26,15 +26,32 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_trainer(arch: str, output_dir, schedule: ChainSchedule, vocab: int = 320) -> tuple[Trainer, ChainOfLoRACallback]:
+def make_trainer(
+    arch: str, output_dir, schedule: ChainSchedule, vocab: int = 320
+) -> tuple[Trainer, ChainOfLoRACallback]:
     model = tiny_causal_lm(arch, vocab_size=vocab)
-    config = LoraConfig(r=schedule.rank_of_link(1) or 8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        lora_bias=arch == "opt")
+    config = LoraConfig(
+        r=schedule.rank_of_link(1) or 8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        lora_bias=arch == "opt",
+    )
     model = get_peft_model(model, config)
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=TOTAL_STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
-        lr_scheduler_type="linear", save_strategy="steps", save_steps=3, logging_steps=1, report_to=[],
-        seed=7, data_seed=7, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=TOTAL_STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        seed=7,
+        data_seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     callback = ChainOfLoRACallback(schedule)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(vocab), callbacks=[callback])
@@ -68,3 +85,38 @@ def test_knots_at_scheduled_steps_and_resume_mid_chain_is_exact(tmp_path):
         after_resume = final_weights(resumed)
         for key, value in uninterrupted.items():
             torch.testing.assert_close(after_resume[key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_callback_inside_trl_sft_trainer(tmp_path, tokenizer):
+    """TRL's SFTTrainer is a Trainer: the same callback ties the knots there too."""
+    datasets = __import__("pytest").importorskip("datasets")
+    trl = __import__("pytest").importorskip("trl")
+    texts = ["The capital of France is Paris.", "It was great.", "Yes or No? Maybe.", "It was terrible."] * 4
+    model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=len(tokenizer)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    schedule = ChainSchedule((2,), 4, ranks=(4, 2))
+    callback = ChainOfLoRACallback(schedule)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        max_length=32,
+        logging_steps=1,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert [(k.step, k.next_rank) for k in callback.knots] == [(2, 2)]
+    assert {layer.r[a] for _, layer, a in lora_layers(trainer.model)} == {2}
