@@ -3,15 +3,31 @@
 Public API::
 
     tie_knot(model, optimizer)        merge every LoRA link into its base weight, start a fresh link, reset state
-    ChainSchedule                     where the knots go (steps, epochs, fractions) and each link's rank
+    ChainSchedule                     where the knots go (steps, epochs, fractions, auto) and each link's rank
     ChainOfLoRACallback(schedule)     COLA inside any transformers Trainer (resumable mid-chain)
     merge_chain(model)                fold the last link in and drop the LoRA modules (zero inference overhead)
+    export_adapter(model, path)       the whole chain as one standard PEFT LoRA adapter
+
+Names are imported on first use (PEP 562), so ``import chainlora`` and the CLI start fast.
 """
 
-from chainlora.callback import ChainOfLoRACallback
-from chainlora.chain import ChainSchedule, KnotError, KnotRecord, TiedLink, merge_chain, tie_knot
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ChainOfLoRACallback": "chainlora.callback",
+    "ChainSchedule": "chainlora.chain",
+    "KnotError": "chainlora.chain",
+    "KnotRecord": "chainlora.chain",
+    "TiedLink": "chainlora.chain",
+    "merge_chain": "chainlora.chain",
+    "tie_knot": "chainlora.chain",
+    "export_adapter": "chainlora.adapter",
+}
 
 __all__ = [
     "ChainOfLoRACallback",
@@ -19,6 +35,20 @@ __all__ = [
     "KnotError",
     "KnotRecord",
     "TiedLink",
+    "export_adapter",
     "merge_chain",
     "tie_knot",
 ]
+
+if TYPE_CHECKING:
+    from chainlora.adapter import export_adapter
+    from chainlora.callback import ChainOfLoRACallback
+    from chainlora.chain import ChainSchedule, KnotError, KnotRecord, TiedLink, merge_chain, tie_knot
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'chainlora' has no attribute {name!r}")
