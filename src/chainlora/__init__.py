@@ -27,21 +27,28 @@ _EXPORTS = {
     "merge_chain": "chainlora.chain",
     "tie_knot": "chainlora.chain",
     "export_adapter": "chainlora.adapter",
+    "export_run_adapter": "chainlora.adapter",
+    "ExportReport": "chainlora.adapter",
+    "AutoChainSchedule": "chainlora.auto",
 }
 
 __all__ = [
+    "AutoChainSchedule",
     "ChainOfLoRACallback",
     "ChainSchedule",
+    "ExportReport",
     "KnotError",
     "KnotRecord",
     "TiedLink",
     "export_adapter",
+    "export_run_adapter",
     "merge_chain",
     "tie_knot",
 ]
 
 if TYPE_CHECKING:
-    from chainlora.adapter import export_adapter
+    from chainlora.adapter import ExportReport, export_adapter, export_run_adapter
+    from chainlora.auto import AutoChainSchedule
     from chainlora.callback import ChainOfLoRACallback
     from chainlora.chain import ChainSchedule, KnotError, KnotRecord, TiedLink, merge_chain, tie_knot
 
