@@ -5,11 +5,16 @@ the scheduler's global schedule simply continues across links (the paper's natur
 the chain state (``chainlora_chain.safetensors``) beside the adapter, and ``trainer.train(
 resume_from_checkpoint=...)`` restores it *before* the Trainer loads the adapter, so resuming mid-chain, even
 after a rank step-down, continues exactly where the run stopped.
+
+Adaptive schedules (``chainlora.auto.AutoChainSchedule``) receive the logged training loss (``observe``; needs
+``logging_steps=1``) and dev metrics (``observe_dev``); their state is saved beside the chain state
+(``chainlora_schedule.json``) and restored with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,11 +23,15 @@ from typing import Protocol
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from chainlora import distributed
 from chainlora.chain import Init, KnotRecord, chain_length, lora_layers, tie_knot
 from chainlora.errors import ConfigError
-from chainlora.state import CHAIN_STATE_FILE, load_chain_state, save_chain_state
+from chainlora.io import write_json_atomic
+from chainlora.state import CHAIN_STATE_FILE
 
 logger = logging.getLogger("chainlora")
+
+SCHEDULE_STATE_FILE = "chainlora_schedule.json"  # state of a stateful (adaptive) schedule, beside the chain
 
 
 class KnotSchedule(Protocol):
@@ -44,7 +53,8 @@ class ChainOfLoRACallback(TrainerCallback):
 
     ``seed`` (default: the Trainer's ``args.seed``) seeds each new link's A; ``precise`` and
     ``max_relative_delta`` are passed to ``tie_knot``. ``knots`` lists the knots tied so far (restored on
-    resume). Rank changes under DDP/FSDP need the distributed wrapper to be rebuilt: use ``chainlora train``.
+    resume). Several processes (DDP, FSDP2): every process ties the same knot; a rank change, FSDP1 or DeepSpeed
+    is refused in ``on_train_begin`` (see ``chainlora.distributed``).
     """
 
     def __init__(
@@ -83,11 +93,23 @@ class ChainOfLoRACallback(TrainerCallback):
 
     def restore(self, model, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the chain (base weights, links, ranks, knot records) saved in ``checkpoint_dir``."""
-        self.knots = load_chain_state(model, checkpoint_dir)
+        self.knots = distributed.load_chain(model, checkpoint_dir)  # every process restores
+        if hasattr(self.schedule, "load_state_dict"):
+            schedule_file = Path(checkpoint_dir) / SCHEDULE_STATE_FILE
+            if not schedule_file.is_file():
+                raise ConfigError(f"{schedule_file} not found: cannot resume the adaptive knot schedule")
+            self.schedule.load_state_dict(json.loads(schedule_file.read_text()))
         self._restored_from = str(checkpoint_dir)
         logger.info("chainlora: restored a chain of %d link(s) from %s", chain_length(model), checkpoint_dir)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
+        if hasattr(self.schedule, "observe") and not (
+            args.logging_strategy == "steps" and args.logging_steps == 1
+        ):
+            raise ConfigError(
+                "adaptive knots decide from the training loss of every step: set logging_strategy='steps' and "
+                f"logging_steps=1 (got {args.logging_strategy!s}, {args.logging_steps})"
+            )
         total = getattr(self.schedule, "total_steps", None)
         if total is not None and state.max_steps and total != state.max_steps:
             raise ConfigError(
@@ -104,15 +126,31 @@ class ChainOfLoRACallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if (checkpoint / CHAIN_STATE_FILE).is_file():
                 self.restore(model, checkpoint)
-            elif any(self.schedule.knot_due(s) for s in range(1, state.global_step + 1)):
+            elif hasattr(self.schedule, "load_state_dict") or any(
+                self.schedule.knot_due(s) for s in range(1, state.global_step + 1)
+            ):
                 raise ConfigError(
-                    f"resuming at step {state.global_step} after a knot, but {checkpoint} has no chain state"
+                    f"resuming at step {state.global_step} after a knot (or with an adaptive schedule), but "
+                    f"{checkpoint} has no chain state"
                 )
+        distributed.check_training_setup(model, self.schedule, args)  # fail now, not at the first knot
 
     # -- the knot ---------------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
+            if hasattr(self.schedule, "observe"):  # already averaged over processes by the Trainer
+                self.schedule.observe(state.global_step, self.last_loss)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        """Feed the dev metric (``metric_for_best_model``, default the dev loss) to an adaptive schedule."""
+        if not metrics or not hasattr(self.schedule, "observe_dev"):
+            return
+        name = args.metric_for_best_model or "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key in metrics:
+            higher = args.greater_is_better if args.greater_is_better is not None else "loss" not in name
+            self.schedule.observe_dev(state.global_step, float(metrics[key]), higher_is_better=higher)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
         if not self.schedule.knot_due(state.global_step, self.last_loss):
@@ -128,16 +166,18 @@ class ChainOfLoRACallback(TrainerCallback):
             precise=self.precise,
             max_relative_delta=self.max_relative_delta,
         )
+        distributed.sync_replicas(model)  # DDP: every process must now hold the same chain
         record = dataclasses.replace(record, step=state.global_step)
         self.knots.append(record)
-        state.log_history.append(
-            {
-                "step": state.global_step,
-                "knot": record.link,
-                "next_rank": record.next_rank,
-                "delta_norm": record.delta_norm,
-            }
-        )
+        entry = {
+            "step": state.global_step,
+            "knot": record.link,
+            "next_rank": record.next_rank,
+            "delta_norm": record.delta_norm,
+        }
+        if getattr(self.schedule, "decisions", None):  # an adaptive schedule says why it tied this knot
+            entry["reason"] = self.schedule.decisions[-1].reason
+        state.log_history.append(entry)
         logger.info(
             "chainlora: knot %d at step %d (merged ‖ΔW‖=%.4g over %d layers), next link rank %d",
             record.link,
@@ -148,5 +188,8 @@ class ChainOfLoRACallback(TrainerCallback):
         )
 
     def on_save(self, args, state, control, model=None, **kw):
-        if args.should_save:
-            save_chain_state(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", self.knots)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # every process calls it (FSDP2 gathers the shards first); only the main one writes
+        distributed.save_chain(model, checkpoint, self.knots, main=args.should_save)
+        if args.should_save and hasattr(self.schedule, "state_dict"):
+            write_json_atomic(checkpoint / SCHEDULE_STATE_FILE, self.schedule.state_dict())

@@ -21,14 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from chainlora import distributed
 from chainlora.errors import ChainLoRAError, ConfigError
+
+if TYPE_CHECKING:
+    from chainlora.auto import AutoChainSchedule
 
 Init = Literal["gaussian", "kaiming"]
 
@@ -92,6 +96,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear, str]]:
 @torch.no_grad()
 def link_delta(layer: LoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The current link's update ``s·B·A`` (shaped like the base weight) and bias update ``s·b``, in fp32."""
+    if distributed.is_sharded(layer.get_base_layer().weight):  # FSDP2: only this process's block of s·B·A
+        return distributed.sharded_link_delta(layer, adapter)
     scaling = layer.scaling[adapter]
     delta = (layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()) * scaling
     if layer.fan_in_fan_out:
@@ -149,7 +155,7 @@ def _extend_link(
                 replaced[old_p] = new_p
     A, B = layer.lora_A[adapter], layer.lora_B[adapter]
     with torch.no_grad():
-        A.weight.copy_(_new_lora_A(tuple(A.weight.shape), init, generator))
+        distributed.copy_full_(A.weight, _new_lora_A(tuple(A.weight.shape), init, generator))
         B.weight.zero_()
         if B.bias is not None:
             B.bias.zero_()
@@ -213,18 +219,19 @@ def tie_knot(
                 raise ConfigError(
                     f"rank {rank} is larger than layer {name} ({layer.out_features}×{layer.in_features})"
                 )
+    distributed.check_knot_supported(model, layers, rank)  # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed
 
     # 1. check every delta before touching anything (two passes: a rank-r product is cheap, memory is not)
     squared_norm = 0.0
     for name, layer, adapter in layers:
         delta, bias_delta = link_delta(layer, adapter)
-        norm_sq = float(delta.square().sum()) + (
-            float(bias_delta.square().sum()) if bias_delta is not None else 0.0
+        norm_sq = distributed.item(delta.square().sum()) + (  # item: reduced over shards (FSDP2)
+            distributed.item(bias_delta.square().sum()) if bias_delta is not None else 0.0
         )
         if not math.isfinite(norm_sq):
             raise KnotError(f"refusing knot: the update of {name} is not finite (model left unchanged)")
         if max_relative_delta is not None:
-            weight_norm = float(layer.get_base_layer().weight.float().norm())
+            weight_norm = distributed.item(layer.get_base_layer().weight.float().norm())
             if math.sqrt(norm_sq) > max_relative_delta * weight_norm:
                 raise KnotError(
                     f"refusing knot: ‖ΔW‖ of {name} is {math.sqrt(norm_sq):.3g}, over {max_relative_delta}·‖W‖ "
@@ -247,10 +254,10 @@ def tie_knot(
             layer.chainlora_links = [
                 *getattr(layer, "chainlora_links", []),
                 TiedLink(
-                    lora_A=layer.lora_A[adapter].weight.detach().float().cpu().clone(),
-                    lora_B=layer.lora_B[adapter].weight.detach().float().cpu().clone(),
+                    lora_A=distributed.cpu_fp32_copy(layer.lora_A[adapter].weight),
+                    lora_B=distributed.cpu_fp32_copy(layer.lora_B[adapter].weight),
                     scaling=float(layer.scaling[adapter]),
-                    lora_B_bias=bias.detach().float().cpu().clone() if bias is not None else None,
+                    lora_B_bias=distributed.cpu_fp32_copy(bias) if bias is not None else None,
                 ),
             ]
         layer.chainlora_knots = getattr(layer, "chainlora_knots", 0) + 1
@@ -284,7 +291,7 @@ def merge_chain(model: nn.Module) -> nn.Module:
     """
     for _, layer, adapter in list(lora_layers(model)):
         delta, bias_delta = link_delta(layer, adapter)
-        if not torch.isfinite(delta).all():
+        if not distributed.item(torch.isfinite(delta).all()):
             raise KnotError("refusing final merge: the current link is not finite")
         _merge_into_base(layer, delta, bias_delta)
     return model.unload() if hasattr(model, "unload") else model
@@ -399,3 +406,11 @@ class ChainSchedule:
     def link_at(self, step: int) -> int:
         """1-based index of the link that trains optimizer step ``step`` (steps start at 1)."""
         return 1 + sum(1 for k in self.knots if k < step)
+
+    @classmethod
+    def auto(cls, total_steps: int, **kwargs) -> AutoChainSchedule:
+        """Adaptive knots (``knots: auto``): tie a knot when the current link stops improving; see
+        :class:`chainlora.auto.AutoChainSchedule` for the arguments (``max_links``, ``min_link_steps``, ...)."""
+        from chainlora.auto import AutoChainSchedule
+
+        return AutoChainSchedule(total_steps, **kwargs)
