@@ -24,8 +24,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from chainlora import distributed
-from chainlora.chain import Init, KnotRecord, chain_length, lora_layers, tie_knot
+from chainlora.chain import Init, KnotError, KnotRecord, chain_length, lora_layers, tie_knot
 from chainlora.errors import ConfigError
+from chainlora.faults import maybe_crash
 from chainlora.io import write_json_atomic
 from chainlora.state import CHAIN_STATE_FILE
 
@@ -157,18 +158,22 @@ class ChainOfLoRACallback(TrainerCallback):
             return
         link = chain_length(model)
         seed = args.seed if self.seed is None else self.seed
-        record = tie_knot(
-            model,
-            optimizer,
-            rank=self.schedule.rank_of_link(link + 1),
-            init=self.init,
-            generator=knot_generator(seed, link + 1),
-            precise=self.precise,
-            max_relative_delta=self.max_relative_delta,
-        )
+        try:
+            record = tie_knot(
+                model,
+                optimizer,
+                rank=self.schedule.rank_of_link(link + 1),
+                init=self.init,
+                generator=knot_generator(seed, link + 1),
+                precise=self.precise,
+                max_relative_delta=self.max_relative_delta,
+            )
+        except KnotError as err:  # the model is untouched; halt before this step is saved anywhere
+            raise KnotError(f"knot {link} at step {state.global_step}: {err}; training halted") from None
         distributed.sync_replicas(model)  # DDP: every process must now hold the same chain
         record = dataclasses.replace(record, step=state.global_step)
         self.knots.append(record)
+        maybe_crash("after_knot")
         entry = {
             "step": state.global_step,
             "knot": record.link,

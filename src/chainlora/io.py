@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from chainlora.faults import maybe_crash
+
 TEMP_PREFIX = ".tmp-"
 
 
@@ -49,6 +51,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        maybe_crash("atomic_write")
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:
@@ -65,6 +68,7 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     try:
         yield tmp
         fsync_tree(tmp)
+        maybe_crash("atomic_write")
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")
@@ -84,3 +88,20 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def remove_temps(root: str | Path) -> list[Path]:
+    """Delete every leftover temporary (``.tmp-*`` file or folder) under ``root``: what a killed write left
+    behind. Only safe while no other process writes under ``root``. Returns what was removed."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if name.startswith(TEMP_PREFIX):
+                path = Path(folder) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
+    return removed

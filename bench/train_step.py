@@ -1,0 +1,408 @@
+"""Training-step throughput (tokens/s) and peak memory: chainlora COLA vs a plain PEFT LoRA loop.
+
+Each *variant* is ``method:option+option...``:
+
+    method   peft   plain PEFT LoRA loop (r=8, α=16, q_proj/v_proj), no knots
+             cola   the same loop with ``tie_knot(model, optimizer)`` every ``--knot-every`` steps
+             full   full fine-tuning (every weight trained)
+    options  fp32 | bf16 | fp16     autocast precision (weights stay as loaded, LoRA params fp32)
+             w16                    store the frozen base in the autocast dtype (COLA then keeps fp32 master
+                                    copies of the targeted weights for exact knots: ``tie_knot(precise=None)``)
+             fused | foreach        AdamW implementation (default: torch's choice for the device)
+             compile                ``torch.compile(model)``; recompilations after warm-up are counted
+
+One step is what the HF Trainer does: forward under autocast, backward, ``clip_grad_norm_(1.0)``, AdamW step,
+LR-scheduler step, ``zero_grad(set_to_none=True)``, then the knot when one is due (its cost is inside the step).
+All variants get the same random batch (``--batch-size`` × ``--seq-len``) and models with the same weights, and
+are timed interleaved in one process. Peak memory: CUDA, in process (resident bytes of the variant + the
+largest transient of its steps, from ``torch.cuda`` allocator stats); CPU, one fresh subprocess per variant
+(peak RSS over steady-state steps, after warm-up, glibc told to return freed memory at once).
+
+    python bench/train_step.py                         # CPU: smollm2-135m, 4×128
+    python bench/train_step.py --compile               # CPU, adds the torch.compile variants (slow to compile)
+    python bench/train_step.py --device cuda           # CUDA: random-init OPT-1.3B shape, bf16
+    python bench/train_step.py --device cuda --model llama-2-7b
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from chainlora import perf, tie_knot
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIONS = {*PRECISIONS, "w16", "fused", "foreach", "compile"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    precision: str = "fp32"
+    w16: bool = False
+    optimizer: str = "default"  # default | fused | foreach
+    compile: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        method, _, rest = spec.partition(":")
+        if method not in ("peft", "cola", "full"):
+            raise SystemExit(f"variant {spec!r}: method must be peft, cola or full")
+        options = [o for o in rest.split("+") if o]
+        unknown = set(options) - OPTIONS
+        if unknown:
+            raise SystemExit(
+                f"variant {spec!r}: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}"
+            )
+        precision = next((o for o in options if o in PRECISIONS), "fp32")
+        optimizer = next((o for o in options if o in ("fused", "foreach")), "default")
+        return cls(spec, method, precision, "w16" in options, optimizer, "compile" in options)
+
+    @property
+    def same_precision_baseline(self) -> str:
+        """The plain PEFT eager variant with this variant's precision and weight storage."""
+        return f"peft:{self.precision}" + ("+w16" if self.w16 else "")
+
+
+def default_variants(args) -> list[str]:
+    cuda = torch.device(args.device).type == "cuda"
+    if args.quick:
+        return ["peft:fp32", "cola:fp32", "cola:fp32+fused"]
+    if not cuda:
+        fast = perf.speed_defaults("cpu")
+        best = f"cola:{fast.precision}" + ("+fused" if fast.optim.endswith("fused") else "")
+        variants = ["peft:fp32", "cola:fp32", f"peft:{fast.precision}", best]
+        if args.compile:
+            variants += [f"peft:{fast.precision}+compile", best + "+compile"]
+        return list(dict.fromkeys(variants))
+    if default_model_name(args) == "llama-2-7b":  # fp32 7B weights would not fit four times
+        return ["peft:bf16+w16", "peft:bf16+w16+compile", "cola:bf16+w16", "cola:bf16+w16+fused+compile"]
+    return [
+        "peft:bf16",
+        "peft:bf16+compile",
+        "full:bf16+fused",
+        "cola:bf16",
+        "cola:bf16+fused+compile",
+        "peft:bf16+w16+compile",
+        "cola:bf16+w16+fused+compile",
+    ]
+
+
+def default_model_name(args) -> str:
+    return common.default_model(args)
+
+
+# ------------------------------------------------------------------------------------------------- one variant
+
+
+@dataclass
+class Runner:
+    """One variant's model, optimizer and step function."""
+
+    variant: Variant
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: callable
+    steps_done: int = 0
+    knots: int = 0
+    resident_bytes: int = 0
+    transient_bytes: list[int] = field(default_factory=list)
+    flops_per_step: int = 0
+
+
+def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runner:
+    from peft import LoraConfig, get_peft_model
+
+    device = torch.device(args.device)
+    name = default_model_name(args)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant.precision, torch.float32)
+    model, _ = common.load_model(
+        name, args.device, dtype=dtype if variant.w16 else torch.float32, layers=args.layers, seed=args.seed
+    )
+    if variant.method == "full":
+        model.requires_grad_(True)
+    else:
+        config = LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=common.lora_targets(name)
+        )
+        model = get_peft_model(model, config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kwargs = (
+        {"fused": True}
+        if variant.optimizer == "fused"
+        else {"foreach": True}
+        if variant.optimizer == "foreach"
+        else {}
+    )
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    forward = torch.compile(model) if variant.compile else model
+    runner: Runner
+
+    def step() -> None:
+        with perf.autocast(device, variant.precision):
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        runner.steps_done += 1
+        if variant.method == "cola" and runner.steps_done % args.knot_every == 0:
+            tie_knot(model, optimizer)
+            runner.knots += 1
+
+    runner = Runner(variant, model, optimizer, step)
+    try:
+        from chainlora.recipes.flops import flop_model, step_flops
+
+        rows, seq_len = batch["input_ids"].shape
+        runner.flops_per_step = step_flops(flop_model(model), rows, seq_len)
+    except ImportError:  # the recipes package is optional for this benchmark
+        pass
+    return runner
+
+
+def master_copy_mib(model: torch.nn.Module) -> float:
+    """fp32 master copies that knots keep for a half-precision base (``tie_knot(precise=None)``), MiB."""
+    copies = [getattr(m, "chainlora_master_weight", None) for m in model.modules()]
+    return sum(c.numel() * c.element_size() for c in copies if c is not None) / 2**20
+
+
+def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def vocab_size(args) -> int:
+    name = default_model_name(args)
+    if name in common.SHAPES:
+        return common.SHAPES[name]["vocab"]
+    from transformers import AutoConfig
+
+    from chainlora import models
+
+    folder = Path(name) if Path(name).is_dir() else models.ensure_converted(name)
+    return AutoConfig.from_pretrained(folder).vocab_size
+
+
+# ---------------------------------------------------------------------------------------------- memory probe
+
+
+def probe(args) -> None:
+    """Child process: one variant, warm-up, then peak RSS over ``--probe-steps`` steady-state steps."""
+    variant = Variant.parse(args.probe)
+    batch = make_batch(args, vocab_size(args))
+    before = common.rss_mib()
+    runner = build_runner(variant, args, batch)
+    for _ in range(args.warmup):
+        runner.step()
+    gc.collect()
+    resident = common.rss_mib()
+    common.reset_peak_rss()
+    for _ in range(args.probe_steps):
+        runner.step()
+    print(
+        json.dumps(
+            {
+                "variant": variant.name,
+                "peak_rss_mib": common.peak_rss_mib(),
+                "resident_mib": resident,
+                "before_model_mib": before,
+                "knots": runner.knots,
+            }
+        )
+    )
+
+
+def cpu_memory(args, variants: list[Variant]) -> dict[str, dict]:
+    out = {}
+    for v in variants:
+        if v.compile:
+            out[v.name] = {
+                "skipped": "compiled variants are not probed on CPU (compiling again takes minutes)"
+            }
+            continue
+        argv = [str(Path(__file__).resolve()), *forwarded_args(args), "--probe", v.name]
+        out[v.name] = common.run_probe(argv)
+    return out
+
+
+def forwarded_args(args) -> list[str]:
+    argv = ["--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    argv += ["--knot-every", str(args.knot_every), "--rank", str(args.rank), "--seed", str(args.seed)]
+    argv += ["--warmup", str(args.warmup), "--probe-steps", str(args.probe_steps)]
+    argv += ["--model", default_model_name(args)]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = common.base_parser(__doc__.split("\n")[0])
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated variants (see the module docstring)"
+    )
+    parser.add_argument("--compile", action="store_true", help="CPU: add the torch.compile variants")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--knot-every", type=int, default=2, help="COLA: a knot every this many steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation)")
+    parser.add_argument("--memory", choices=("auto", "none"), default="auto")
+    parser.add_argument("--probe", default=None, help=argparse_hidden())
+    parser.add_argument("--probe-steps", type=int, default=2, help=argparse_hidden())
+    args = parser.parse_args(argv)
+    common.setup(args)
+    cuda = torch.device(args.device).type == "cuda"
+    name = default_model_name(args)
+    if args.batch_size is None:
+        args.batch_size = 2 if args.quick else (8 if name == "llama-2-7b" else 16) if cuda else 4
+    if args.seq_len is None:
+        args.seq_len = 32 if args.quick else 512 if cuda else 128
+    if args.reps is None:
+        args.reps = 2 if args.quick else 8 if cuda else 5
+    if args.probe:
+        probe(args)
+        return {}
+
+    variants = [
+        Variant.parse(s) for s in (args.variants.split(",") if args.variants else default_variants(args))
+    ]
+    batch = make_batch(args, vocab_size(args))
+    runners: dict[str, Runner] = {}
+    for v in variants:
+        if cuda:
+            gc.collect()
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+        runner = build_runner(v, args, batch)
+        for _ in range(args.warmup):  # compile, allocate optimizer state
+            runner.step()
+        if cuda:
+            torch.cuda.synchronize()
+            runner.resident_bytes = torch.cuda.memory_allocated() - start
+        runners[v.name] = runner
+        print(f"built {v.name}", flush=True)
+    graphs_after_warmup = perf.compiled_graph_count() if any(v.compile for v in variants) else None
+
+    def timed(runner: Runner):
+        def run() -> None:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            runner.step()
+            if cuda:
+                runner.transient_bytes.append(torch.cuda.max_memory_allocated() - before)
+
+        return run
+
+    times = common.interleaved({k: timed(r) for k, r in runners.items()}, args.reps, args.device, warmup=0)
+    recompiles = (
+        perf.compiled_graph_count() - graphs_after_warmup if graphs_after_warmup is not None else None
+    )
+
+    knots = {k: r.knots for k, r in runners.items()}
+    step_flops = {k: r.flops_per_step for k, r in runners.items()}
+    masters = {k: master_copy_mib(r.model) for k, r in runners.items()}
+    memory: dict[str, dict] = {}
+    if cuda:
+        for k, r in runners.items():
+            memory[k] = {"peak_mib": (r.resident_bytes + max(r.transient_bytes)) / 2**20}
+    runners.clear()  # free this process before the CPU memory probes run
+    gc.collect()
+    if not cuda and args.memory == "auto":
+        memory = {k: {"peak_mib": m.get("peak_rss_mib"), **m} for k, m in cpu_memory(args, variants).items()}
+
+    tokens = args.batch_size * args.seq_len
+    first = variants[0].name
+    gpu = torch.cuda.get_device_name() if cuda else ""
+    peak_tflops = next((p for g, p in common.PEAK_TFLOPS_BF16.items() if g in gpu), None)
+    base_mem = memory.get(first, {}).get("peak_mib")
+    rows, results = [], {}
+    for v in variants:
+        t = common.median(times[v.name])
+        same = v.same_precision_baseline
+        mem = memory.get(v.name, {}).get("peak_mib")
+        achieved = step_flops[v.name] / t / 1e12 if step_flops[v.name] else None
+        result = {
+            "seconds_per_step": times[v.name],
+            "median_seconds": t,
+            "tokens_per_s": tokens / t,
+            "x_first": common.median(times[first]) / t,
+            "x_first_paired": common.paired_ratio(times[first], times[v.name]),
+            "x_same_precision_peft": common.median(times[same]) / t if same in times else None,
+            "peak_mib": mem,
+            "memory_x_first": mem / base_mem if mem and base_mem else None,
+            "memory": memory.get(v.name),
+            "flops_per_step": step_flops[v.name],
+            "fp32_master_copies_mib": masters[v.name],
+            "achieved_tflops": achieved,
+            "mfu": achieved / peak_tflops if achieved and peak_tflops else None,
+        }
+        results[v.name] = result
+        rows.append(
+            [
+                v.name,
+                f"{tokens / t:,.0f}",
+                f"{result['x_first']:.2f}",
+                f"{result['x_same_precision_peft']:.2f}" if result["x_same_precision_peft"] else "–",
+                f"{mem:,.0f}" if mem else "–",
+                f"{result['memory_x_first']:.2f}" if result["memory_x_first"] else "–",
+                (f"{achieved:.2f}" if achieved else "–")
+                + (f" ({result['mfu']:.1%})" if result["mfu"] else ""),
+            ]
+        )
+    headers = ["variant", "tokens/s", f"× {first}", "× PEFT same precision", "peak MiB", f"memory × {first}"]
+    headers.append("TFLOP/s (MFU)" if peak_tflops else "TFLOP/s")
+    print(
+        f"\n### train_step: {name}, batch {args.batch_size}×{args.seq_len}, {args.device}, {args.reps} reps"
+    )
+    print(common.markdown_table(headers, rows))
+    if recompiles is not None:
+        print(
+            f"\ntorch.compile: {recompiles} recompilation(s) after warm-up, across {sum(knots.values())} knots"
+        )
+    common.write_results(
+        "train_step",
+        args,
+        {
+            "model": name,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "knot_every": args.knot_every,
+            "rank": args.rank,
+            "reps": args.reps,
+            "variants": results,
+            "knots_total": knots,
+            "recompiles_after_warmup": recompiles,
+            "speed_defaults": perf.speed_defaults(args.device).__dict__,
+        },
+    )
+    return results
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Speed settings for training and scoring, chosen from the measurements in ``bench/`` (see BENCHMARKS.md).
+
+One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run:
+
+* ``bf16`` autocast where the hardware has native bf16 matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16),
+  with the LoRA parameters, their gradients and the optimizer state in fp32 (PEFT keeps adapters in fp32);
+* AdamW with ``fused=True`` where torch has a fused kernel for the device (CUDA and CPU since torch 2.4);
+* ``torch.compile`` of the model on CUDA only. On CPU it compiles for minutes and only pays off over very long
+  runs (measured in BENCHMARKS.md). A knot re-initialises the links in place, so the parameters stay the same
+  objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that);
+* training batches grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's ``LengthGroupedSampler``
+  over the real lengths), not random batches padded to their longest row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """True when ``device`` runs bf16 matmuls natively (a CUDA bf16 GPU, a CPU with AMX or AVX512-BF16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(check()) if check is not None else False
+        except RuntimeError:
+            return False
+    return False
+
+
+def fused_adamw_supported(device: str | torch.device) -> bool:
+    """True when torch has a fused AdamW kernel for ``device`` (CUDA; CPU from torch 2.4)."""
+    device = torch.device(device)
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return device.type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: only CUDA had fused kernels
+        return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class SpeedDefaults:
+    """What a training run on one device should use (fields mirror TrainingArguments where they exist)."""
+
+    precision: Precision  # autocast dtype; the frozen base stays in the dtype it was loaded in
+    optim: str  # TrainingArguments.optim: "adamw_torch_fused" or "adamw_torch"
+    torch_compile: bool  # compile the model (CUDA only by default, see the module docstring)
+    group_by_length: bool  # length-grouped training batches
+
+    def training_arguments(self) -> dict[str, object]:
+        """Keyword arguments for ``transformers.TrainingArguments`` (the sampler is set by the recipe)."""
+        return {
+            "bf16": self.precision == "bf16",
+            "fp16": self.precision == "fp16",
+            "optim": self.optim,
+            "torch_compile": self.torch_compile,
+        }
+
+
+def speed_defaults(device: str | torch.device) -> SpeedDefaults:
+    """The measured-fastest settings for ``device`` (see BENCHMARKS.md for the figures behind each)."""
+    device = torch.device(device)
+    return SpeedDefaults(
+        precision="bf16" if bf16_supported(device) else "fp32",
+        optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
+        torch_compile=device.type == "cuda",
+        group_by_length=True,
+    )
+
+
+def adamw(
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``params`` (materialised: a knot may swap parameters in its groups), fused when the
+    parameters' device supports it (``fused=None``) or as asked."""
+    params = list(params)
+    if not params:
+        raise ValueError("adamw: no parameters to optimize")
+    if fused is None:
+        fused = fused_adamw_supported(params[0].device) and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+
+
+@contextlib.contextmanager
+def autocast(device: str | torch.device, precision: Precision) -> Iterator[None]:
+    """``torch.autocast`` for ``precision`` on ``device`` (a no-op for fp32)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+def compiled_graph_count() -> int:
+    """Graphs compiled by ``torch.compile`` in this process so far (Dynamo's ``unique_graphs`` counter).
+
+    Equal before and after a knot means the knot caused no recompilation.
+    """
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

