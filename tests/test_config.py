@@ -40,7 +40,6 @@ def test_defaults_follow_the_method():
         ({"method": "lora", "chain": {"length": 2}}, "chain.length"),
         ({"method": "lora", "chain": {"knots": [3]}}, "chain.knots"),
         ({"method": "full", "chain": {"ranks": [8]}}, "chain.ranks"),
-        ({"method": "cola", "save_adapter": True}, "save_adapter"),
         ({"method": "lora", "lr_schedule": "jagged"}, "lr_schedule"),
         ({"lr": 0.0}, "lr"),
         ({"lr": float("nan")}, "lr"),

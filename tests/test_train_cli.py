@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -81,8 +82,16 @@ def test_each_method_end_to_end(method, extra, tiny_llama_dir, shared_data, tmp_
         assert metrics["selected_step"] == best["step"]
     else:
         assert metrics["knots"] == []
-    if method == "lora":
-        assert (out / "adapter" / "adapter_config.json").is_file()
+    if method != "full":  # the whole chain as one PEFT adapter on the ORIGINAL base == the merged final/
+        assert metrics["adapter_bytes"] == metrics["adapter"]["bytes"] > 0
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+        final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+        ids = torch.tensor([[1, 5, 9, 17, 33, 65, 129]])
+        with torch.no_grad():
+            assert (adapted(ids).logits - final(ids).logits).abs().max() <= 1e-5
+    else:
+        assert not (out / "adapter").exists()
     # final/ is a plain HF model (no LoRA modules left) that scores exactly what the run reported
     weights = load_file(out / "final" / "model.safetensors")
     assert not any("lora" in key for key in weights)

@@ -188,6 +188,37 @@ def tasks_command(argv: list[str]) -> int | None:
     return 0
 
 
+@dataclasses.dataclass
+class ExportArgs:
+    """chainlora export RUN_DIR --adapter [--rank R]: the run's whole chain as one standard PEFT LoRA adapter."""
+
+    run_dir: str
+    """A `chainlora train` run folder (or a checkpoint / chain folder inside it)."""
+    adapter: bool = True
+    """Export the chain as a PEFT adapter (the only export there is; accepted for clarity)."""
+    rank: int | None = None
+    """Compress every layer's summed update to this rank by SVD (reports the relative error per layer)."""
+    out: str | None = None
+    """Output folder (default: RUN_DIR/adapter, or RUN_DIR/adapter-r{R} with --rank)."""
+    overwrite: bool = False
+    """Replace an existing, different adapter folder."""
+
+
+@command("export")
+def export_command(argv: list[str]) -> int | None:
+    """Export a run's whole chain as one PEFT LoRA adapter: export RUN_DIR --adapter [--rank R]."""
+    import json
+
+    from chainlora.adapter import export_run_adapter
+
+    if argv and not argv[0].startswith("-"):
+        argv = ["--run_dir", argv[0], *argv[1:]]
+    args = parse_config(ExportArgs, argv, prog="chainlora export")
+    result = export_run_adapter(args.run_dir, rank=args.rank, out=args.out, overwrite=args.overwrite)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 

@@ -241,8 +241,9 @@ class TrainConfig:
     """Also checkpoint every this many optimizer steps (null: once per epoch); resume starts from the last."""
     keep_checkpoints: bool = False
     """Keep checkpoints/ after a successful run (they are deleted once final/ is written)."""
-    save_adapter: bool = False
-    """Also export the PEFT adapter to adapter/ (method lora only; a chain's links are merged in final/)."""
+    save_adapter: bool = True
+    """Write adapter/ beside final/: the whole chain (every tied link + the current one) as ONE standard PEFT
+    LoRA adapter that loads onto the original base model (lora and cola; method full has none)."""
     logging_steps: int = 1
     """Log the training loss every this many optimizer steps."""
 
@@ -311,11 +312,8 @@ class TrainConfig:
             )
         elif chain.length is None:
             chain.length = 1
-        if self.method == "full":
-            if chain.ranks is not None:
-                raise _fail("chain.ranks", "method full has no LoRA links")
-            if self.save_adapter:
-                raise _fail("save_adapter", "method full has no adapter; final/ holds the model")
+        if self.method == "full" and chain.ranks is not None:
+            raise _fail("chain.ranks", "method full has no LoRA links")
         if chain.ranks is not None:
             if len(chain.ranks) != chain.links:
                 raise _fail(
@@ -326,8 +324,6 @@ class TrainConfig:
                 raise _fail(
                     "chain.ranks", f"first link rank {chain.ranks[0]} differs from lora.r={self.lora.r}"
                 )
-        if self.save_adapter and self.method != "lora":
-            raise _fail("save_adapter", "only plain LoRA runs export an adapter (COLA merges its links)")
         if self.lr_schedule == "jagged" and self.method != "cola":
             raise _fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
 

@@ -51,6 +51,7 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
+from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import ChainSchedule, merge_chain
 from chainlora.errors import ChainLoRAError, ConfigError
@@ -71,6 +72,7 @@ BEST_DIR = "best"  # the selected state so far: chain state (lora/cola) or all w
 BEST_RECORD = "best.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
+ADAPTER_DIR = "adapter"
 TIME_FILE = "chainlora_time.json"  # training seconds up to a checkpoint, so a resumed run's total is right
 COMPLETE_MARKER = "chainlora_complete.json"  # written last into a checkpoint: every file in it and its size
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adagrad": "adagrad"}
@@ -725,9 +727,10 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
     if run_callback.best_step is not None:
         selected_step = run_callback.best_step
         restore_best_state(run, model, selected_step)
-    if config.save_adapter and run.args.should_save:
-        with atomic_dir(run.run_dir / "adapter", overwrite=True) as tmp:
-            model.save_pretrained(tmp)
+    adapter = None
+    if config.save_adapter and config.method != "full" and run.args.should_save:
+        # the whole chain as one PEFT LoRA (rank Σ r_i) on the original base: before the final merge
+        adapter = export_adapter(model, run.run_dir / ADAPTER_DIR, overwrite=True).to_dict()
     if config.method != "full":
         model = merge_chain(model)
     model.eval()
@@ -780,6 +783,8 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
         "dev_history": dev_history,
         "resumed_from": str(run.checkpoint) if run.checkpoint else None,
         "run_dir": str(run.run_dir),
+        "adapter_bytes": adapter["bytes"] if adapter else None,
+        "adapter": adapter,
     }
     if run.args.should_save:
         with atomic_dir(run.run_dir / FINAL_DIR, overwrite=True) as tmp:
