@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chainlora import tasks
-from chainlora.cli import main
+from chainlora.cli import main, parse_config
+from chainlora.recipes.config import TrainConfig
 from chainlora.recipes.train import load_run_config, train
 
 TASK = "rte"  # real data, small enough to read in a blink
@@ -46,18 +51,37 @@ def rescore_final(run_dir: Path, data: Path) -> float:
     return tasks.evaluate(model, tokenizer, task, test, batch_size=4)["score"]
 
 
-@pytest.mark.parametrize(
-    ("method", "extra"),
-    [
-        ("lora", ["--save_adapter", "--zero_shot", "false"]),
-        ("cola", ["--chain.length", "2", "--chain.ranks", "[8, 4]", "--selection", "dev_score"]),
-        ("full", ["--lr", "1e-3", "--zero_shot", "false"]),
-    ],
-)
-def test_each_method_end_to_end(method, extra, tiny_llama_dir, shared_data, tmp_path, capsys):
-    out = tmp_path / method
-    assert run_cli(*common(tiny_llama_dir, shared_data, out), "--method", method, *extra) == 0
-    printed = capsys.readouterr().out
+# One run per method; cola's (a knot, a rank step-down, a checkpoint every 3 steps) is also the uninterrupted
+# reference of the resume test, so it runs once.
+EXTRA = {
+    "lora": ["--selection", "dev_score", "--zero_shot", "false"],
+    "cola": ["--chain.length", "2", "--chain.ranks", "[8, 4]", "--save_steps", "3", "--selection", "last"],
+    "full": ["--lr", "1e-3", "--zero_shot", "false"],
+}
+COLA_RESUMABLE = [*EXTRA["cola"], "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, shared_data, tmp_path_factory):
+    """``trained(method)`` -> (run dir, printed summary) of that method's run, trained once per module."""
+    done: dict[str, tuple[Path, str]] = {}
+
+    def get(method: str) -> tuple[Path, str]:
+        if method not in done:
+            out = tmp_path_factory.mktemp(method) / "run"
+            extra = COLA_RESUMABLE if method == "cola" else EXTRA[method]
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert run_cli(*common(tiny_llama_dir, shared_data, out), "--method", method, *extra) == 0
+            done[method] = out, printed.getvalue()
+        return done[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["lora", "cola", "full"])
+def test_each_method_end_to_end(method, trained, tiny_llama_dir, shared_data):
+    out, printed = trained(method)
     assert "fine-tuned test accuracy" in printed
     assert ("0-shot" in printed) == (method == "cola")
 
@@ -78,10 +102,15 @@ def test_each_method_end_to_end(method, extra, tiny_llama_dir, shared_data, tmp_
     if method == "cola":
         assert [(k["step"], k["link"], k["next_rank"]) for k in metrics["knots"]] == [(4, 1, 4)]
         assert metrics["knots"][0]["delta_norm"] > 0
-        best = max(metrics["dev_history"], key=lambda h: h["dev_score"])  # first max wins ties
-        assert metrics["selected_step"] == best["step"]
+        assert metrics["selected_step"] == 8  # selection: last
     else:
         assert metrics["knots"] == []
+    if method == "lora":  # selection: dev_score, the first best wins ties
+        best = max(metrics["dev_history"], key=lambda h: h["dev_score"])
+        assert metrics["selected_step"] == best["step"]
+    if method == "full":  # selection: dev_loss (the harness default)
+        best = min(metrics["dev_history"], key=lambda h: h["dev_loss"])
+        assert metrics["selected_step"] == best["step"]
     if method != "full":  # the whole chain as one PEFT adapter on the ORIGINAL base == the merged final/
         assert metrics["adapter_bytes"] == metrics["adapter"]["bytes"] > 0
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -112,17 +141,11 @@ class Interrupt(TrainerCallback):
             raise Interrupt.Stop
 
 
-def test_resume_mid_chain_matches_uninterrupted(tiny_llama_dir, shared_data, tmp_path):
-    args = [*common(tiny_llama_dir, shared_data, tmp_path / "whole"), "--method", "cola"]
-    args += ["--chain.length", "2", "--chain.ranks", "[8, 4]", "--save_steps", "3", "--selection", "last"]
-    args += ["--lr", "1e-2", "--zero_shot", "false"]
-    assert run_cli(*args) == 0
-
-    from chainlora.cli import parse_config
-    from chainlora.recipes.config import TrainConfig
-
+def test_resume_mid_chain_matches_uninterrupted(trained, tiny_llama_dir, shared_data, tmp_path):
+    whole_dir, _ = trained("cola")  # the same config, uninterrupted
     cut = tmp_path / "cut"
-    config = parse_config(TrainConfig, [*args, "--output_dir", str(cut)], prog="test")
+    args = [*common(tiny_llama_dir, shared_data, cut), "--method", "cola", *COLA_RESUMABLE]
+    config = parse_config(TrainConfig, args, prog="test")
     with pytest.raises(Interrupt.Stop):
         train(config, callbacks=[Interrupt(at=7)])  # after the knot at 4 and the checkpoint at 6
     assert not (cut / "metrics.json").exists()
@@ -130,13 +153,13 @@ def test_resume_mid_chain_matches_uninterrupted(tiny_llama_dir, shared_data, tmp
     assert run_cli("--output_dir", str(cut), *SMALL[:2]) == 2  # refuses to start over a run by accident
 
     assert run_cli("--resume", str(cut)) == 0
-    whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", cut))
+    whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in (whole_dir, cut))
     assert resumed["resumed_from"].endswith("checkpoint-6")
     assert resumed["knots"] == whole["knots"]
     assert resumed["dev_history"] == whole["dev_history"]
     assert resumed["train_flops"] == whole["train_flops"]
     assert resumed["test_score"] == whole["test_score"]
-    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "whole", cut))
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (whole_dir, cut))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
@@ -203,13 +226,40 @@ def test_resume_refuses_a_changed_config(tiny_llama_dir, shared_data, tmp_path, 
     out = tmp_path / "run"
     out.mkdir()
     config = common(tiny_llama_dir, shared_data, out)
-    from chainlora.cli import parse_config
-    from chainlora.recipes.config import TrainConfig
-
     saved = parse_config(TrainConfig, config, prog="test").to_dict()
-    import yaml
-
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     assert run_cli("--resume", str(out), "--lr", "0.1") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: lr: 0.1 differs")
+
+
+def test_auto_knots_end_to_end(tiny_llama_dir, shared_data, tmp_path):
+    """knots: auto — decisions recorded with their reason, never more links than chain.length, and the whole
+    chain still exports as one adapter."""
+    out = tmp_path / "auto"
+    args = [*common(tiny_llama_dir, shared_data, out), "--method", "cola", "--chain.knots", "auto"]
+    args += ["--chain.length", "3", "--chain.auto.min_link_steps", "2", "--chain.auto.patience", "1"]
+    args += ["--chain.auto.threshold", "0.5", "--chain.auto.rank_rule", "halve", "--zero_shot", "false"]
+    assert run_cli(*args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    knots = metrics["knots"]
+    assert 1 <= len(knots) <= 2  # a threshold of 50% per step stops every link as soon as it may
+    steps = [0] + [k["step"] for k in knots] + [metrics["train_steps"]]
+    assert all(b - a >= 2 for a, b in itertools.pairwise(steps))  # min_link_steps
+    assert metrics["ranks"] == [8, 4, 2][: len(knots) + 1]
+    assert [d["step"] for d in metrics["knot_decisions"]] == [k["step"] for k in knots]
+    assert all(d["reason"] for d in metrics["knot_decisions"])
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_auto_knots_need_every_step_logged(tiny_llama_dir, shared_data, tmp_path, capsys):
+    args = [
+        *common(tiny_llama_dir, shared_data, tmp_path / "x"),
+        "--chain.knots",
+        "auto",
+        "--logging_steps",
+        "2",
+    ]
+    assert run_cli(*args) == 2
+    assert "logging_steps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -99,15 +99,44 @@ class LoRASettings:
 
 
 @dataclass
+class AutoKnotSettings:
+    """Adaptive knots (``chain.knots: auto``): a knot when the current link stops improving (chainlora.auto)."""
+
+    min_link_steps: int | None = None
+    """Every link trains at least this many optimizer steps. null = a quarter of an even link's length."""
+    patience: int | None = None
+    """Window (in steps) over which the smoothed loss must improve by ``threshold``. null = min_link_steps // 2."""
+    threshold: float = 0.01
+    """Relative improvement of the smoothed training loss over ``patience`` steps below which a link is done."""
+    ema: float = 0.9
+    """Smoothing of the training loss: L ← ema·L + (1 − ema)·loss."""
+    signal: Literal["loss", "dev", "either"] = "either"
+    """What decides a knot: the smoothed training loss, a stalling dev score (per epoch), or either."""
+    rank_rule: Literal["fixed", "halve"] = "fixed"
+    """Rank of later links when chain.ranks is not given: keep lora.r, or halve it at every knot."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_link_steps", "patience"):
+            if getattr(self, name) is not None:
+                _positive_int(f"chain.auto.{name}", getattr(self, name))
+        _number("chain.auto.threshold", self.threshold, open_low=True)
+        if not (isinstance(self.ema, int | float) and not isinstance(self.ema, bool) and 0 <= self.ema < 1):
+            raise _fail("chain.auto.ema", f"must be in [0, 1), got {self.ema!r}")
+
+
+@dataclass
 class ChainSettings:
     """Where the COLA knots go and the rank of each link (method cola only)."""
 
     length: int | None = None
     """Number of links M (the paper: 3). null = 3 for cola, 1 for lora. Knots fall on epoch boundaries as in
     the paper (5 epochs, M=2: epochs 1-3 | 4-5) when there are at least M epochs, else evenly in steps."""
-    knots: list[int | float] | None = None
+    knots: list[int | float] | Literal["auto"] | None = None
     """Explicit knots instead of length: optimizer steps (integers, e.g. [40, 80]) or fractions of the budget
-    strictly between 0 and 1 (e.g. [0.6]). A knot is tied right after that step."""
+    strictly between 0 and 1 (e.g. [0.6]). A knot is tied right after that step. ``auto``: knots where the
+    current link stops improving (chain.auto), with chain.length as the maximum number of links."""
+    auto: AutoKnotSettings = field(default_factory=AutoKnotSettings)
+    """Settings of ``knots: auto``."""
     ranks: list[int] | None = None
     """Rank of every link (rank step-down, e.g. [8, 4]); one entry per link. null = lora.r throughout."""
     max_relative_delta: float | None = None
@@ -116,9 +145,11 @@ class ChainSettings:
     always refused. null = no size limit."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.auto, dict):
+            self.auto = AutoKnotSettings(**self.auto)
         if self.length is not None:
             _positive_int("chain.length", self.length)
-        if self.knots is not None:
+        if self.knots is not None and self.knots != "auto":
             if not isinstance(self.knots, list | tuple):
                 raise _fail("chain.knots", f"must be a list, got {self.knots!r}")
             self.knots = list(self.knots)
@@ -152,7 +183,9 @@ class ChainSettings:
     @property
     def links(self) -> int:
         """Number of links (after TrainConfig has filled ``length``)."""
-        return len(self.knots) + 1 if self.knots is not None else int(self.length or 1)
+        if self.knots is not None and self.knots != "auto":
+            return len(self.knots) + 1
+        return int(self.length or 1)
 
 
 @dataclass
@@ -303,8 +336,16 @@ class TrainConfig:
         """Cross-field rules of the three methods (the chain is COLA's; plain LoRA is a chain of one link)."""
         chain = self.chain
         if self.method == "cola":
-            if chain.length is None and chain.knots is None:
+            if chain.length is None and chain.knots in (None, "auto"):
                 chain.length = DEFAULT_CHAIN_LENGTH["cola"]
+            if chain.knots == "auto" and self.logging_steps != 1:
+                raise _fail(
+                    "logging_steps", "knots: auto decides from every step's loss: it needs logging_steps 1"
+                )
+            if chain.knots == "auto" and self.lr_schedule == "jagged":
+                raise _fail(
+                    "lr_schedule", "'jagged' restarts at known knots; knots: auto decides them on the fly"
+                )
         elif chain.knots or (chain.length or 1) > 1:
             raise _fail(
                 "chain.knots" if chain.knots else "chain.length",

@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -240,6 +241,20 @@ def _chain_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int)
     chain = config.chain
     ranks = chain.ranks
     try:
+        if chain.knots == "auto":
+            auto = chain.auto
+            min_link = auto.min_link_steps or max(1, total_steps // (4 * chain.links))
+            return ChainSchedule.auto(
+                total_steps,
+                max_links=chain.links,
+                min_link_steps=min_link,
+                patience=auto.patience or max(1, min_link // 2),
+                threshold=auto.threshold,
+                ema=auto.ema,
+                ranks=list(ranks) if ranks else auto.rank_rule,
+                rank=config.lora.r,
+                signal=auto.signal,
+            )
         if chain.knots is not None and all(isinstance(k, int) for k in chain.knots):
             return ChainSchedule(tuple(chain.knots), total_steps, tuple(ranks) if ranks else None)
         if chain.knots is not None:
@@ -770,7 +785,8 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
         "epochs": config.epochs,
         "lr": config.lr,
         "chain_length": run.schedule.chain_length if run.schedule else None,
-        "ranks": list(run.schedule.ranks) if run.schedule and run.schedule.ranks else None,
+        "ranks": [config.lora.r] + [k["next_rank"] for k in knots] if run.schedule else None,  # per link
+        "knot_decisions": [dataclasses.asdict(d) for d in getattr(run.schedule, "decisions", [])],
         "lora_bias": run.lora_bias,
         "knots": knots,
         "skipped_steps": [e["step"] for e in state.log_history if "skipped" in e],  # non-finite, not applied
