@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import sys
 import typing
@@ -148,7 +149,8 @@ def train_command(argv: list[str]) -> int | None:
         argv = ["--config", str(Path(resume) / CONFIG_FILE), *argv]  # the run's own config is the base
     config = parse_config(TrainConfig, argv, prog="chainlora train")
     metrics = train(config)
-    _print_train_summary(metrics)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, one summary, not one per process
+        _print_train_summary(metrics)
     return 0
 
 

@@ -52,6 +52,7 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
+from chainlora import distributed
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import ChainSchedule, merge_chain
@@ -159,6 +160,13 @@ def setup(config: TrainConfig) -> Run:
     if config.method != "full":
         _check_target_modules(model, config.lora.target_modules)
         _check_ranks(model, config)
+        distributed.check_rank_schedule(schedule, config.lora.r, processes=args.world_size)
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # the best-state snapshot and the final merge/save assume replicated weights
+        raise ConfigError(
+            "FSDP is not supported by `chainlora train` (use DDP: torchrun/accelerate launch); FSDP2 knots work "
+            "through the library API, see docs/distributed.md"
+        )
     run = Run(
         config=config,
         run_dir=run_dir,
@@ -815,6 +823,8 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
             title=f"{run.task.name} · {config.method} · {config.model}",
         )
         write_json_atomic(run.run_dir / METRICS_FILE, metrics)  # last: the run is complete
+    trainer.accelerator.wait_for_everyone()  # no process may still be reading best/ or a checkpoint
+    if run.args.should_save:
         if not config.keep_checkpoints:
             shutil.rmtree(run.run_dir / CHECKPOINTS_DIR, ignore_errors=True)
         shutil.rmtree(run.run_dir / BEST_DIR, ignore_errors=True)
