@@ -21,7 +21,7 @@ from chainlora.auto import AutoChainSchedule
 from chainlora.callback import SCHEDULE_STATE_FILE
 from chainlora.chain import lora_layers
 from chainlora.errors import ConfigError
-from chainlora.testing import tiny_causal_lm
+from chainlora.testing import TokenDataset, tiny_causal_lm
 
 # ------------------------------------------------------------------------ synthetic higher-rank regression
 
@@ -246,17 +246,6 @@ def test_observe_can_average_the_loss_over_processes(tmp_path):
 # ------------------------------------------------------------------------------ through the HF Trainer
 
 TOTAL_STEPS = 12
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, vocab: int, n: int = 24, length: int = 12):
-        self.ids = torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(1))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def make_trainer(output_dir) -> tuple[Trainer, AutoChainSchedule]:

@@ -9,21 +9,9 @@ from transformers import Trainer, TrainingArguments
 from chainlora import ChainOfLoRACallback, ChainSchedule
 from chainlora.chain import lora_layers
 from chainlora.state import CHAIN_STATE_FILE
-from chainlora.testing import tiny_causal_lm
+from chainlora.testing import TokenDataset, tiny_causal_lm
 
 TOTAL_STEPS = 6
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, vocab: int, n: int = 24, length: int = 12):
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(3, vocab, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def make_trainer(

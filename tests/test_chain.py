@@ -12,22 +12,8 @@ from torch import nn
 from chainlora import ChainSchedule, merge_chain, tie_knot
 from chainlora.chain import KnotError, lora_layers, reset_optimizer_state
 from chainlora.errors import ConfigError
-from chainlora.testing import tiny_causal_lm
-
-
-def lora(model: nn.Module, r: int = 8, **kwargs) -> nn.Module:
-    """PEFT LoRA on q,v as the paper (OPT with a LoRA bias, Llama without)."""
-    is_opt = model.config.model_type == "opt"
-    config = LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_bias=is_opt, **kwargs)
-    return get_peft_model(model, config)
-
-
-def perturb_links(model: nn.Module, scale: float = 0.05) -> None:
-    """Give every link a non-zero B (and bias) so merge checks cannot pass trivially."""
-    with torch.no_grad():
-        for _, layer, adapter in lora_layers(model):
-            for p in layer.lora_B[adapter].parameters():
-                p.normal_(0, scale)
+from chainlora.testing import lora_on_qv as lora
+from chainlora.testing import perturb_links, tiny_causal_lm
 
 
 def batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:

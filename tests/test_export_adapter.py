@@ -17,29 +17,8 @@ from chainlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, export_ad
 from chainlora.chain import lora_layers
 from chainlora.errors import ChainLoRAError
 from chainlora.state import save_chain_state
-from chainlora.testing import tiny_causal_lm
-
-
-def lora(model: nn.Module, r: int = 8, **kwargs) -> nn.Module:
-    """PEFT LoRA on q,v as the paper (OPT with a LoRA bias, Llama without)."""
-    is_opt = model.config.model_type == "opt"
-    config = LoraConfig(
-        r=r,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        lora_bias=is_opt,
-        task_type="CAUSAL_LM",
-        **kwargs,
-    )
-    return get_peft_model(model, config)
-
-
-def perturb_links(model: nn.Module, scale: float = 0.05) -> None:
-    """A non-zero B (and bias) in every link, so equality checks cannot pass trivially."""
-    with torch.no_grad():
-        for _, layer, adapter in lora_layers(model):
-            for p in layer.lora_B[adapter].parameters():
-                p.normal_(0, scale)
+from chainlora.testing import lora_on_qv as lora
+from chainlora.testing import perturb_links, tiny_causal_lm
 
 
 def chain_8_4(model: nn.Module, **kwargs) -> nn.Module:

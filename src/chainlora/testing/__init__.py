@@ -1,5 +1,21 @@
 """Tiny random models and a tiny trained tokenizer, for tests and benchmarks (no download, seconds to build)."""
 
-from chainlora.testing.tiny import TINY_CORPUS, tiny_causal_lm, tiny_model_dir, tiny_tokenizer
+from chainlora.testing.tiny import (
+    TINY_CORPUS,
+    TokenDataset,
+    lora_on_qv,
+    perturb_links,
+    tiny_causal_lm,
+    tiny_model_dir,
+    tiny_tokenizer,
+)
 
-__all__ = ["TINY_CORPUS", "tiny_causal_lm", "tiny_model_dir", "tiny_tokenizer"]
+__all__ = [
+    "TINY_CORPUS",
+    "TokenDataset",
+    "lora_on_qv",
+    "perturb_links",
+    "tiny_causal_lm",
+    "tiny_model_dir",
+    "tiny_tokenizer",
+]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -100,3 +101,40 @@ def tiny_model_dir(path: str | Path, arch: Arch = "llama", seed: int = 0) -> Pat
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def lora_on_qv(model: PreTrainedModel, r: int = 8, **kwargs) -> PeftModel:
+    """PEFT LoRA on q,v as the paper: r, α = 16; OPT with a LoRA bias (as the paper), Llama without."""
+    is_opt = model.config.model_type == "opt"
+    config = LoraConfig(
+        r=r,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        lora_bias=is_opt,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+    return get_peft_model(model, config)
+
+
+def perturb_links(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Give every link a non-zero B (and bias), so merge/equality checks cannot pass trivially (B starts at 0)."""
+    from chainlora.chain import lora_layers
+
+    with torch.no_grad():
+        for _, layer, adapter in lora_layers(model):
+            for p in layer.lora_B[adapter].parameters():
+                p.normal_(0, scale)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``n`` fixed random token sequences (seeded) with LM labels: a Trainer dataset with a known order."""
+
+    def __init__(self, vocab: int, n: int = 24, length: int = 12, seed: int = 1):
+        self.ids = torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
