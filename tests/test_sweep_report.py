@@ -441,6 +441,19 @@ def test_zero_shot_row_is_one_value_per_seed(tmp_path):
     assert "| 60.00 ± 10.00 | – | – |" in row
 
 
+def test_cola_runs_tested_before_their_first_knot_are_counted(tmp_path):
+    root = _fabricated_sweep(tmp_path)
+    for metrics in root.glob("*/cola-L3-r8/*/seed*/metrics.json"):
+        data = json.loads(metrics.read_text())
+        data["knots"] = [{"step": 4, "link": 1, "next_rank": 8}, {"step": 8, "link": 2, "next_rank": 8}]
+        data["selected_step"] = 4 if metrics.parent.name == "seed0" else 12
+        metrics.write_text(json.dumps(data))
+    report = Report(load_sweep(root))
+    ((variant, _, _),) = report.paired(report.groups[0])
+    assert report.tested_before_first_knot(variant, report.groups[0]) == (2, 6)  # seed 0 of sst2 and rte
+    assert "2 of 6 COLA (L=3, r=8) runs were tested" in report.paired_table(report.groups[0])
+
+
 def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):
     root = _fabricated_sweep(tmp_path, drop=("sst2/full/adamw-lr1e-5/seed2",))
     text = write_report(root).read_text()

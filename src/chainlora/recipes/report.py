@@ -590,8 +590,30 @@ class Report:
                         ]
                     )
                 )
+            early, total = self.tested_before_first_knot(v, group)
+            if total:
+                lines += [
+                    "",
+                    f"{early} of {total} {variant_label(v)} runs were tested at a state from before their first "
+                    "knot (checkpoint selection picked an early epoch): a single trained link, the very state "
+                    "of the LoRA run with the same seeds, so such a pair differs only through the epoch chosen.",
+                ]
             blocks.append("\n".join(lines))
         return "\n\n".join(blocks)
+
+    def tested_before_first_knot(self, variant: Variant, group: Group) -> tuple[int, int]:
+        """How many of a COLA variant's chosen runs were tested at a step ≤ their first knot, out of how many."""
+        early = total = 0
+        for (_, v, g), sel in self.selected.items():
+            if v != variant or g != group:
+                continue
+            for r in sel.runs:
+                knots = [k.get("step") for k in r.metrics.get("knots") or [] if isinstance(k, dict)]
+                step = r.metrics.get("selected_step")
+                if knots and knots[0] is not None and step is not None:
+                    total += 1
+                    early += int(step <= knots[0])
+        return early, total
 
     def lr_table(self) -> str:
         lines = [

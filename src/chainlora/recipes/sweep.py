@@ -17,7 +17,10 @@ A sweep YAML has three blocks::
       output_dir: runs/table1
       workers: 1
 
-Every other grid key (``num_train``, ``lora_alpha``, ...) is an extra axis passed to the train CLI as is.
+Every other grid key (``num_train``, ``lora.alpha``, ...) is an extra axis passed to the train CLI as is and
+named in the run folder (``-n100``). Grid axes map to train fields: ``learning_rate`` → ``lr``,
+``chain_length`` → ``chain.length``, ``ranks`` → ``lora.r`` (first link) and ``chain.ranks`` (step-down).
+The base config must stay fixed for a sweep folder (run names encode grid axes only); the grid may grow.
 
 Invariants:
 
@@ -864,6 +867,13 @@ class SweepRunner:
                 fut.cancel()
             self.terminate_children()
             pool.shutdown(wait=True)
+            for fut, spec in futures.items():  # runs that ended while we were being stopped
+                if spec.name in outcomes or fut.cancelled() or fut.exception() is not None:
+                    continue
+                outcome = fut.result()
+                if outcome.status not in ("pending", "skipped"):
+                    state.record(outcome)
+                    self.echo(f"[stopped] {outcome.status:7s} {spec.name}")
             raise
         finally:
             _restore_signal_handlers(previous)
