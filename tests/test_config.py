@@ -126,3 +126,16 @@ def test_eval_config_positional_model(monkeypatch):
         main(["eval", "some/folder", "--task", "rte", "--num_eval", "5"])
     assert isinstance(seen["c"], EvalConfig)
     assert (seen["c"].model, seen["c"].task, seen["c"].num_eval) == ("some/folder", "rte", 5)
+
+
+def test_lr_schedules_are_pure_functions_of_the_step():
+    from chainlora.recipes.train import LinkLR
+
+    linear = LinkLR("linear", total_steps=10)
+    assert [linear(s) for s in (0, 5, 9)] == [1.0, 0.5, 0.1]
+    jagged = LinkLR("jagged", total_steps=10, knots=(4,))  # links: steps 1-4 | 5-10
+    assert [jagged(s) for s in (0, 3, 4, 9)] == [1.0, 0.25, 1.0, 1 / 6]
+    warm = LinkLR("jagged", total_steps=10, warmup=0.5, knots=(4,))  # half of each link warms up
+    assert [warm(s) for s in range(10)] == [0.0, 0.5, 1.0, 0.5, 0.0, 1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3]
+    constant = LinkLR("constant", total_steps=10, warmup=2)
+    assert [constant(s) for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]

@@ -514,9 +514,8 @@ class LinkLR:
 class TaskTrainer(Trainer):
     """The HF Trainer with the task's training loss, a pure LR schedule, analytic FLOPs and task dev metrics."""
 
-    loss_is_scaled_for_ga = (
-        False  # compute_loss returns a per-micro-batch mean: let HF divide by accumulation
-    )
+    # compute_loss returns a per-micro-batch mean: HF must divide it by the accumulation steps
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, run: Run, lr_lambda: LinkLR, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
