@@ -263,3 +263,16 @@ def test_auto_knots_need_every_step_logged(tiny_llama_dir, shared_data, tmp_path
     assert run_cli(*args) == 2
     assert "logging_steps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_rank_reports_error_and_scores_before_after(tiny_llama_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "cola"
+    args = [*common(tiny_llama_dir, shared_data, out), "--method", "cola", "--chain.length", "2"]
+    assert run_cli(*args, "--zero_shot", "false", "--epochs", "1") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--adapter", "--rank", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["test_score"]) == {"full", "rank 4"}
+    assert all(0 <= s <= 1 for s in report["test_score"].values())
+    assert (out / "adapter-r4" / "adapter_config.json").is_file()
+    assert 0 < report["max_relative_error"] < 1  # rank 4 of a rank-16 chain drops something, not everything

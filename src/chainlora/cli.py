@@ -204,6 +204,8 @@ class ExportArgs:
     """Output folder (default: RUN_DIR/adapter, or RUN_DIR/adapter-r{R} with --rank)."""
     overwrite: bool = False
     """Replace an existing, different adapter folder."""
+    score: bool = True
+    """With --rank: also score the full and the truncated adapter on the run's task and test draw."""
 
 
 @command("export")
@@ -217,6 +219,13 @@ def export_command(argv: list[str]) -> int | None:
         argv = ["--run_dir", argv[0], *argv[1:]]
     args = parse_config(ExportArgs, argv, prog="chainlora export")
     result = export_run_adapter(args.run_dir, rank=args.rank, out=args.out, overwrite=args.overwrite)
+    if args.rank is not None and args.score:
+        from chainlora.recipes.evaluate import score_adapters
+
+        full = export_run_adapter(args.run_dir)  # the whole chain, uncompressed (adapter/; reused if present)
+        result["test_score"] = score_adapters(
+            args.run_dir, {"full": full["path"], f"rank {args.rank}": result["path"]}
+        )
     print(json.dumps(result, indent=2, default=str))
     return 0
 

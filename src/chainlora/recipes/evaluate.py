@@ -51,3 +51,31 @@ def evaluate_model(config: EvalConfig) -> dict[str, Any]:
     if config.output:
         write_json_atomic(config.output, summary)
     return summary
+
+
+def score_adapters(run_dir: str, adapters: dict[str, str], *, batch_size: int = 8) -> dict[str, float]:
+    """Test score of each PEFT adapter folder in ``adapters`` (label → path) on the run's own task and test draw,
+    loaded with plain PEFT onto the run's *original* base model: e.g. the full chain vs its SVD-truncated copy."""
+    import copy
+
+    from peft import PeftModel
+
+    from chainlora import models, tasks
+    from chainlora.recipes.train import load_run_config
+
+    config = load_run_config(run_dir)
+    task = tasks.get_task(config.task)
+    test = (
+        tasks.load_task_data(task, data=config.data)
+        .sample(config.seed, num_train=0, num_dev=0, num_eval=config.num_eval)
+        .test
+    )
+    base, tokenizer = models.load(config.model, dtype=torch.float32)
+    scores = {}
+    for label, path in adapters.items():
+        model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        result = tasks.evaluate(
+            model, tokenizer, task, test, batch_size=batch_size, max_length=config.max_length
+        )
+        scores[label] = float(result["score"])
+    return scores
