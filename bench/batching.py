@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import benchlib
 from chainlora import perf, tasks
 from chainlora.batching import SharedPromptCollator, shared_prompt_loss, shared_prompt_view
 
@@ -78,29 +78,29 @@ def strata(dataset, batches: list[list[int]], k: int, multiple: int | None) -> l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.base_parser(__doc__.split("\n")[0])
+    parser = benchlib.base_parser(__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="sst2,boolq")
     parser.add_argument(
-        "--data-dir", type=Path, default=common.SHARED_DATA if common.SHARED_DATA.is_dir() else None
+        "--data-dir", type=Path, default=benchlib.SHARED_DATA if benchlib.SHARED_DATA.is_dir() else None
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-train", type=int, default=1000)
     parser.add_argument("--strata", type=int, default=None, help="timed batches per plan")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     args = parser.parse_args(argv)
-    common.setup(args)
-    name = common.default_model(args)
-    if name in common.SHAPES and name != "tiny":
+    benchlib.setup(args)
+    name = benchlib.default_model(args)
+    if name in benchlib.SHAPES and name != "tiny":
         raise SystemExit("batching needs a real tokenizer: pass a model folder or registry name, or --quick")
     args.reps = args.reps or (1 if args.quick else 2)
-    args.strata = args.strata or (2 if args.quick else 6)
+    args.strata = args.strata or (2 if args.quick else 5)
     args.precision = args.precision or perf.speed_defaults(args.device).precision
     if args.quick:
         args.num_train = min(args.num_train, 64)
 
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = common.load_model(name, args.device, layers=args.layers, seed=args.seed)
+    model, tokenizer = benchlib.load_model(name, args.device, layers=args.layers, seed=args.seed)
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         times = {key: [] for key in fns}
         for s in range(args.strata):
             chunk = {key: fn for key, fn in fns.items() if key[1] == s}
-            for key, values in common.interleaved(chunk, args.reps, args.device, warmup=0).items():
+            for key, values in benchlib.interleaved(chunk, args.reps, args.device, warmup=0).items():
                 times[key] = values
         lengths = np.array(dataset.lengths)
         task_result = {
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             task_result["shared_prompt_loss_abs_diff"] = abs(float(full) - float(shared))
         for k, (d, batches, multiple, _) in setups.items():
-            epoch_s = sum(common.median(times[(k, s)]) * size for s, (_, size) in enumerate(reps[k]))
+            epoch_s = sum(benchlib.median(times[(k, s)]) * size for s, (_, size) in enumerate(reps[k]))
             task_result["plans"][k] = {
                 **padding_stats(d, batches, multiple),
                 "batches": len(batches),
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
         "examples/s",
         "× random (measured)",
     ]
-    print(common.markdown_table(headers, table))
-    common.write_results(
+    print(benchlib.markdown_table(headers, table))
+    benchlib.write_results(
         "batching",
         args,
         {

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import benchlib
 from chainlora import ChainOfLoRACallback, ChainSchedule, perf
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.base_parser(__doc__.split("\n")[0])
+    parser = benchlib.base_parser(__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--epoch-examples", type=int, default=1000, help="training examples per epoch")
     args = parser.parse_args(argv)
-    common.setup(args)
+    benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"
-    name = common.default_model(args)
+    name = benchlib.default_model(args)
     args.seq_len = args.seq_len or (32 if args.quick else 512 if cuda else 128)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.reps = args.reps or (2 if args.quick else 10 if cuda else 5)
@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import TrainerState
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
-    model, _ = common.load_model(
+    model, _ = benchlib.load_model(
         name, args.device, dtype if args.w16 else torch.float32, args.layers, args.seed
     )
     vocab = model.config.vocab_size
     config = LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=common.lora_targets(name)
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=benchlib.lora_targets(name)
     )
     model = get_peft_model(model, config)
     model.train()
@@ -81,15 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
         callback.on_step_end(trainer_args, state, None, model=model, optimizer=optimizer)
 
     step()  # warm-up: allocate optimizer state
-    common.synchronize(args.device)
+    benchlib.synchronize(args.device)
     start = time.perf_counter()
     knot()  # the first knot of a run (creates fp32 master copies for a half-precision base)
-    common.synchronize(args.device)
+    benchlib.synchronize(args.device)
     first_knot = time.perf_counter() - start
-    times = common.interleaved({"step": step, "knot": knot}, args.reps, args.device, warmup=0)
+    times = benchlib.interleaved({"step": step, "knot": knot}, args.reps, args.device, warmup=0)
     assert len(callback.knots) == args.reps + 1, "every knot call must tie a knot"
 
-    step_s, knot_s = common.median(times["step"]), common.median(times["knot"])
+    step_s, knot_s = benchlib.median(times["step"]), benchlib.median(times["knot"])
     steps_per_epoch = -(-args.epoch_examples // args.batch_size)
     epoch_s = steps_per_epoch * step_s
     rows = [
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"\n### knot_cost: {name}, {layers} LoRA layers, batch {args.batch_size}×{args.seq_len}, {args.precision}"
         f"{' (base ' + args.precision + ')' if args.w16 else ''}, {args.device}, {args.reps} reps"
     )
-    print(common.markdown_table(["", "ms", "of an epoch"], rows))
+    print(benchlib.markdown_table(["", "ms", "of an epoch"], rows))
     print(f"\nknot / step = {knot_s / step_s:.3f}; knot / epoch = {knot_s / epoch_s:.4%} (target < 0.5 %)")
     results = {
         "model": name,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         "first_knot_over_epoch": first_knot / epoch_s,
         "target_met": knot_s / epoch_s < 0.005,
     }
-    common.write_results("knot_cost", args, results)
+    benchlib.write_results("knot_cost", args, results)
     return results
 
 

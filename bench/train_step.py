@@ -29,13 +29,15 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import benchlib
 from chainlora import perf, tie_knot
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,21 +69,23 @@ class Variant:
         return cls(spec, method, precision, "w16" in options, optimizer, "compile" in options)
 
     @property
-    def same_precision_baseline(self) -> str:
-        """The plain PEFT eager variant with this variant's precision and weight storage."""
-        return f"peft:{self.precision}" + ("+w16" if self.w16 else "")
+    def same_settings_baseline(self) -> str:
+        """The plain PEFT variant with this variant's precision, weight storage and compilation (PEFT's loop
+        keeps torch's default AdamW): what "COLA/LoRA at the same settings" compares against."""
+        return f"peft:{self.precision}" + ("+w16" if self.w16 else "") + ("+compile" if self.compile else "")
 
 
 def default_variants(args) -> list[str]:
     cuda = torch.device(args.device).type == "cuda"
     if args.quick:
         return ["peft:fp32", "cola:fp32", "cola:fp32+fused"]
-    if not cuda:
+    if not cuda:  # chainlora's CPU defaults (perf.speed_defaults) vs PEFT at fp32 and at the same settings
         fast = perf.speed_defaults("cpu")
-        best = f"cola:{fast.precision}" + ("+fused" if fast.optim.endswith("fused") else "")
-        variants = ["peft:fp32", "cola:fp32", f"peft:{fast.precision}", best]
+        same = fast.precision + ("+w16" if fast.base_dtype != "fp32" else "")
+        best = f"cola:{same}" + ("+fused" if fast.optim.endswith("fused") else "")
+        variants = ["peft:fp32", "cola:fp32", f"peft:{same}", best]
         if args.compile:
-            variants += [f"peft:{fast.precision}+compile", best + "+compile"]
+            variants += [f"peft:{same}+compile", best + "+compile"]
         return list(dict.fromkeys(variants))
     if default_model_name(args) == "llama-2-7b":  # fp32 7B weights would not fit four times
         return ["peft:bf16+w16", "peft:bf16+w16+compile", "cola:bf16+w16", "cola:bf16+w16+fused+compile"]
@@ -97,7 +101,7 @@ def default_variants(args) -> list[str]:
 
 
 def default_model_name(args) -> str:
-    return common.default_model(args)
+    return benchlib.default_model(args)
 
 
 # ------------------------------------------------------------------------------------------------- one variant
@@ -110,12 +114,13 @@ class Runner:
     variant: Variant
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    step: callable
+    step: Callable[[], None]
     steps_done: int = 0
     knots: int = 0
     resident_bytes: int = 0
     transient_bytes: list[int] = field(default_factory=list)
     flops_per_step: int = 0
+    warmup_seconds: float = 0.0
 
 
 def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runner:
@@ -124,14 +129,17 @@ def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runn
     device = torch.device(args.device)
     name = default_model_name(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant.precision, torch.float32)
-    model, _ = common.load_model(
+    model, _ = benchlib.load_model(
         name, args.device, dtype=dtype if variant.w16 else torch.float32, layers=args.layers, seed=args.seed
     )
     if variant.method == "full":
         model.requires_grad_(True)
     else:
         config = LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=common.lora_targets(name)
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.0,
+            target_modules=benchlib.lora_targets(name),
         )
         model = get_peft_model(model, config)
     model.train()
@@ -186,8 +194,8 @@ def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
 
 def vocab_size(args) -> int:
     name = default_model_name(args)
-    if name in common.SHAPES:
-        return common.SHAPES[name]["vocab"]
+    if name in benchlib.SHAPES:
+        return benchlib.SHAPES[name]["vocab"]
     from transformers import AutoConfig
 
     from chainlora import models
@@ -203,20 +211,20 @@ def probe(args) -> None:
     """Child process: one variant, warm-up, then peak RSS over ``--probe-steps`` steady-state steps."""
     variant = Variant.parse(args.probe)
     batch = make_batch(args, vocab_size(args))
-    before = common.rss_mib()
+    before = benchlib.rss_mib()
     runner = build_runner(variant, args, batch)
     for _ in range(args.warmup):
         runner.step()
     gc.collect()
-    resident = common.rss_mib()
-    common.reset_peak_rss()
+    resident = benchlib.rss_mib()
+    benchlib.reset_peak_rss()
     for _ in range(args.probe_steps):
         runner.step()
     print(
         json.dumps(
             {
                 "variant": variant.name,
-                "peak_rss_mib": common.peak_rss_mib(),
+                "peak_rss_mib": benchlib.peak_rss_mib(),
                 "resident_mib": resident,
                 "before_model_mib": before,
                 "knots": runner.knots,
@@ -234,7 +242,7 @@ def cpu_memory(args, variants: list[Variant]) -> dict[str, dict]:
             }
             continue
         argv = [str(Path(__file__).resolve()), *forwarded_args(args), "--probe", v.name]
-        out[v.name] = common.run_probe(argv)
+        out[v.name] = benchlib.run_probe(argv)
     return out
 
 
@@ -254,7 +262,7 @@ def forwarded_args(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.base_parser(__doc__.split("\n")[0])
+    parser = benchlib.base_parser(__doc__.split("\n")[0])
     parser.add_argument(
         "--variants", default=None, help="comma-separated variants (see the module docstring)"
     )
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probe", default=None, help=argparse_hidden())
     parser.add_argument("--probe-steps", type=int, default=2, help=argparse_hidden())
     args = parser.parse_args(argv)
-    common.setup(args)
+    benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"
     name = default_model_name(args)
     if args.batch_size is None:
@@ -293,13 +301,16 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
             start = torch.cuda.memory_allocated()
         runner = build_runner(v, args, batch)
+        started = time.perf_counter()
         for _ in range(args.warmup):  # compile, allocate optimizer state
             runner.step()
+        benchlib.synchronize(args.device)
+        runner.warmup_seconds = time.perf_counter() - started
         if cuda:
             torch.cuda.synchronize()
             runner.resident_bytes = torch.cuda.memory_allocated() - start
         runners[v.name] = runner
-        print(f"built {v.name}", flush=True)
+        print(f"built {v.name} (warm-up {runner.warmup_seconds:.1f} s)", flush=True)
     graphs_after_warmup = perf.compiled_graph_count() if any(v.compile for v in variants) else None
 
     def timed(runner: Runner):
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
-    times = common.interleaved({k: timed(r) for k, r in runners.items()}, args.reps, args.device, warmup=0)
+    times = benchlib.interleaved({k: timed(r) for k, r in runners.items()}, args.reps, args.device, warmup=0)
     recompiles = (
         perf.compiled_graph_count() - graphs_after_warmup if graphs_after_warmup is not None else None
     )
@@ -321,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     knots = {k: r.knots for k, r in runners.items()}
     step_flops = {k: r.flops_per_step for k, r in runners.items()}
     masters = {k: master_copy_mib(r.model) for k, r in runners.items()}
+    warmups = {k: r.warmup_seconds for k, r in runners.items()}
     memory: dict[str, dict] = {}
     if cuda:
         for k, r in runners.items():
@@ -333,26 +345,27 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.batch_size * args.seq_len
     first = variants[0].name
     gpu = torch.cuda.get_device_name() if cuda else ""
-    peak_tflops = next((p for g, p in common.PEAK_TFLOPS_BF16.items() if g in gpu), None)
+    peak_tflops = next((p for g, p in benchlib.PEAK_TFLOPS_BF16.items() if g in gpu), None)
     base_mem = memory.get(first, {}).get("peak_mib")
     rows, results = [], {}
     for v in variants:
-        t = common.median(times[v.name])
-        same = v.same_precision_baseline
+        t = benchlib.median(times[v.name])
+        same = v.same_settings_baseline
         mem = memory.get(v.name, {}).get("peak_mib")
         achieved = step_flops[v.name] / t / 1e12 if step_flops[v.name] else None
         result = {
             "seconds_per_step": times[v.name],
             "median_seconds": t,
             "tokens_per_s": tokens / t,
-            "x_first": common.median(times[first]) / t,
-            "x_first_paired": common.paired_ratio(times[first], times[v.name]),
-            "x_same_precision_peft": common.median(times[same]) / t if same in times else None,
+            "x_first": benchlib.median(times[first]) / t,
+            "x_first_paired": benchlib.paired_ratio(times[first], times[v.name]),
+            "x_peft_same_settings": benchlib.median(times[same]) / t if same in times else None,
             "peak_mib": mem,
             "memory_x_first": mem / base_mem if mem and base_mem else None,
             "memory": memory.get(v.name),
             "flops_per_step": step_flops[v.name],
             "fp32_master_copies_mib": masters[v.name],
+            "warmup_seconds": warmups[v.name],
             "achieved_tflops": achieved,
             "mfu": achieved / peak_tflops if achieved and peak_tflops else None,
         }
@@ -361,25 +374,32 @@ def main(argv: list[str] | None = None) -> dict:
             [
                 v.name,
                 f"{tokens / t:,.0f}",
-                f"{result['x_first']:.2f}",
-                f"{result['x_same_precision_peft']:.2f}" if result["x_same_precision_peft"] else "–",
+                f"{result['x_first']:.2f} ({result['x_first_paired']:.2f})",
+                f"{result['x_peft_same_settings']:.2f}" if result["x_peft_same_settings"] else "–",
                 f"{mem:,.0f}" if mem else "–",
                 f"{result['memory_x_first']:.2f}" if result["memory_x_first"] else "–",
                 (f"{achieved:.2f}" if achieved else "–")
                 + (f" ({result['mfu']:.1%})" if result["mfu"] else ""),
             ]
         )
-    headers = ["variant", "tokens/s", f"× {first}", "× PEFT same precision", "peak MiB", f"memory × {first}"]
+    headers = [
+        "variant",
+        "tokens/s",
+        f"× {first} (paired)",
+        "× PEFT same settings",
+        "peak MiB",
+        f"memory × {first}",
+    ]
     headers.append("TFLOP/s (MFU)" if peak_tflops else "TFLOP/s")
     print(
         f"\n### train_step: {name}, batch {args.batch_size}×{args.seq_len}, {args.device}, {args.reps} reps"
     )
-    print(common.markdown_table(headers, rows))
+    print(benchlib.markdown_table(headers, rows))
     if recompiles is not None:
         print(
             f"\ntorch.compile: {recompiles} recompilation(s) after warm-up, across {sum(knots.values())} knots"
         )
-    common.write_results(
+    benchlib.write_results(
         "train_step",
         args,
         {

@@ -41,10 +41,12 @@ def run_bench(name: str, tmp_path: Path, *argv: str) -> dict:
 
 
 def test_train_step_quick(tmp_path):
-    saved = run_bench("train_step", tmp_path, "--variants", "peft:fp32,cola:fp32+fused", "--knot-every", "1")
-    peft_run, cola = saved["variants"]["peft:fp32"], saved["variants"]["cola:fp32+fused"]
+    cola_name = "cola:bf16+w16+fused"  # bf16 base: knots keep fp32 master copies of the targeted weights
+    saved = run_bench("train_step", tmp_path, "--variants", f"peft:fp32,{cola_name}", "--knot-every", "1")
+    peft_run, cola = saved["variants"]["peft:fp32"], saved["variants"][cola_name]
     assert peft_run["x_first"] == 1.0 and cola["tokens_per_s"] > 0 and cola["flops_per_step"] > 0
-    assert saved["knots_total"] == {"peft:fp32": 0, "cola:fp32+fused": saved["reps"] + 2}  # + 2 warm-up steps
+    assert saved["knots_total"] == {"peft:fp32": 0, cola_name: saved["reps"] + 2}  # + 2 warm-up steps
+    assert peft_run["fp32_master_copies_mib"] == 0 < cola["fp32_master_copies_mib"]
     for variant in (peft_run, cola):  # the CPU memory probe ran in its own process
         assert variant["memory"]["peak_rss_mib"] >= variant["memory"]["resident_mib"] > 0
 
@@ -72,6 +74,14 @@ def test_eval_scoring_quick_scores_identical(tmp_path, shared_data):
     saved = run_bench("eval_scoring", tmp_path, "--tasks", "sst2,copa")
     for result in saved["tasks"].values():
         assert result["max_abs_diff"] <= 1e-5 and result["identical_within_tolerance"]
+
+
+@pytest.mark.parametrize("shape, billions", [("opt-1.3b", 1.316), ("llama-2-7b", 6.738)])
+def test_paper_shapes_have_the_papers_parameter_counts(shape, billions):
+    """The CUDA benchmarks' random-init models (built here on the meta device: no memory, no time)."""
+    model, _ = bench_module("benchlib").load_model(shape, "meta")
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.002)
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ------------------------------------------------------------------------------ correctness of fast paths

@@ -3,13 +3,16 @@
 One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run:
 
 * ``bf16`` autocast where the hardware has native bf16 matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16),
-  with the LoRA parameters, their gradients and the optimizer state in fp32 (PEFT keeps adapters in fp32);
+  with the frozen base stored in bf16 too (no weight cast every step, half the weight memory) and the LoRA
+  parameters, their gradients and the optimizer state in fp32 (PEFT keeps adapters in fp32). A knot into a
+  bf16 base stays exact through ``tie_knot``'s fp32 master copies of the targeted weights;
 * AdamW with ``fused=True`` where torch has a fused kernel for the device (CUDA and CPU since torch 2.4);
-* ``torch.compile`` of the model on CUDA only. On CPU it compiles for minutes and only pays off over very long
-  runs (measured in BENCHMARKS.md). A knot re-initialises the links in place, so the parameters stay the same
+* ``torch.compile`` of the model on CUDA only. On CPU it is 1.41× faster once compiled but compiling takes
+  68–79 s, repaid only after ~300 steps of 4×128 tokens (BENCHMARKS.md). A knot re-initialises the links in place, so the parameters stay the same
   objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that);
 * training batches grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's ``LengthGroupedSampler``
-  over the real lengths), not random batches padded to their longest row.
+  over the real lengths), not random batches padded to their longest row; for verbalized classification tasks
+  also one row per example (``chainlora.batching.shared_prompt_view``).
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ def fused_adamw_supported(device: str | torch.device) -> bool:
 class SpeedDefaults:
     """What a training run on one device should use (fields mirror TrainingArguments where they exist)."""
 
-    precision: Precision  # autocast dtype; the frozen base stays in the dtype it was loaded in
+    precision: Precision  # autocast dtype
+    base_dtype: Precision  # dtype to load the frozen base in (LoRA parameters and optimizer state stay fp32)
     optim: str  # TrainingArguments.optim: "adamw_torch_fused" or "adamw_torch"
     torch_compile: bool  # compile the model (CUDA only by default, see the module docstring)
     group_by_length: bool  # length-grouped training batches
+
+    @property
+    def torch_base_dtype(self) -> torch.dtype:
+        """``base_dtype`` as a torch dtype, for ``chainlora.models.load(..., dtype=...)``."""
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.base_dtype]
 
     def training_arguments(self) -> dict[str, object]:
         """Keyword arguments for ``transformers.TrainingArguments`` (the sampler is set by the recipe)."""
@@ -71,8 +80,10 @@ class SpeedDefaults:
 def speed_defaults(device: str | torch.device) -> SpeedDefaults:
     """The measured-fastest settings for ``device`` (see BENCHMARKS.md for the figures behind each)."""
     device = torch.device(device)
+    precision: Precision = "bf16" if bf16_supported(device) else "fp32"
     return SpeedDefaults(
-        precision="bf16" if bf16_supported(device) else "fp32",
+        precision=precision,
+        base_dtype=precision,
         optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
         torch_compile=device.type == "cuda",
         group_by_length=True,
