@@ -46,6 +46,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from chainlora.errors import ConfigError, ModelNotAvailableError
+from chainlora.io import fsync_dir, fsync_tree
 
 DEFAULT_MODEL = "smollm2-135m"
 # Written last into a converted folder (JSON: source sha256, transformers version, seconds taken); its presence
@@ -183,15 +184,6 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync(path: Path) -> None:
-    """Flush one file or folder (its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ensure_converted(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return the valid cache folder of registry model ``name``, converting its GGUF first if needed.
 
@@ -230,10 +222,9 @@ def ensure_converted(name: str, cache_dir: str | Path | None = None) -> Path:
                 "seconds": round(time.perf_counter() - start, 2),
             }
             (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-            for path in [*tmp.rglob("*"), tmp]:
-                _fsync(path)
+            fsync_tree(tmp)
             os.rename(tmp, target)  # atomic: the target appears complete, marker included, or not at all
-            _fsync(target.parent)
+            fsync_dir(target.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
     return target
