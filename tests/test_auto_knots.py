@@ -21,7 +21,7 @@ from chainlora.auto import AutoChainSchedule
 from chainlora.callback import SCHEDULE_STATE_FILE
 from chainlora.chain import lora_layers
 from chainlora.errors import ConfigError
-from chainlora.testing import TokenDataset, tiny_causal_lm
+from chainlora.testing import tiny_chain_trainer
 
 # ------------------------------------------------------------------------ synthetic higher-rank regression
 
@@ -259,27 +259,7 @@ def make_trainer(output_dir) -> tuple[Trainer, AutoChainSchedule]:
         ranks="halve",
         rank=8,
     )
-    model = tiny_causal_lm("opt", vocab_size=320)
-    model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_bias=True)
-    )
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=TOTAL_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=4,
-        logging_steps=1,
-        report_to=[],
-        seed=7,
-        data_seed=7,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    callback = ChainOfLoRACallback(schedule)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(320), callbacks=[callback])
+    trainer, _ = tiny_chain_trainer(output_dir, schedule, arch="opt", save_steps=4)
     return trainer, schedule
 
 

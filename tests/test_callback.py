@@ -4,46 +4,18 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from chainlora import ChainOfLoRACallback, ChainSchedule
 from chainlora.chain import lora_layers
 from chainlora.state import CHAIN_STATE_FILE
-from chainlora.testing import TokenDataset, tiny_causal_lm
+from chainlora.testing import tiny_causal_lm, tiny_chain_trainer
 
 TOTAL_STEPS = 6
 
 
-def make_trainer(
-    arch: str, output_dir, schedule: ChainSchedule, vocab: int = 320
-) -> tuple[Trainer, ChainOfLoRACallback]:
-    model = tiny_causal_lm(arch, vocab_size=vocab)
-    config = LoraConfig(
-        r=schedule.rank_of_link(1) or 8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
-        lora_bias=arch == "opt",
-    )
-    model = get_peft_model(model, config)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=TOTAL_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="linear",
-        save_strategy="steps",
-        save_steps=3,
-        logging_steps=1,
-        report_to=[],
-        seed=7,
-        data_seed=7,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    callback = ChainOfLoRACallback(schedule)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(vocab), callbacks=[callback])
-    return trainer, callback
+def make_trainer(arch: str, output_dir, schedule: ChainSchedule) -> tuple[Trainer, ChainOfLoRACallback]:
+    return tiny_chain_trainer(output_dir, schedule, arch=arch, rank=schedule.rank_of_link(1) or 8)
 
 
 def final_weights(trainer: Trainer) -> dict[str, torch.Tensor]:

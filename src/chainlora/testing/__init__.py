@@ -6,6 +6,7 @@ from chainlora.testing.tiny import (
     lora_on_qv,
     perturb_links,
     tiny_causal_lm,
+    tiny_chain_trainer,
     tiny_model_dir,
     tiny_tokenizer,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "lora_on_qv",
     "perturb_links",
     "tiny_causal_lm",
+    "tiny_chain_trainer",
     "tiny_model_dir",
     "tiny_tokenizer",
 ]

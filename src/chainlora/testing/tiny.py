@@ -6,7 +6,7 @@ Everything here builds offline in about a second, so unit tests never need a dow
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -138,3 +138,35 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_chain_trainer(
+    output_dir: str | Path, schedule: Any, *, arch: Arch = "llama", rank: int = 8, save_steps: int = 3
+) -> tuple[Any, Any]:
+    """A tiny LoRA model (q,v) in a real HF ``Trainer`` with ``ChainOfLoRACallback(schedule)``: fixed data order,
+    seeds and LR, CPU, a checkpoint every ``save_steps``, the loss logged every step; runs ``schedule.total_steps``.
+    Returns ``(trainer, callback)``; the same arguments give the same run (for resume comparisons)."""
+    from transformers import Trainer, TrainingArguments
+
+    from chainlora.callback import ChainOfLoRACallback
+
+    vocab = 320
+    model = lora_on_qv(tiny_causal_lm(arch, vocab_size=vocab), r=rank)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=schedule.total_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=1,
+        report_to=[],
+        seed=7,
+        data_seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    callback = ChainOfLoRACallback(schedule)
+    return Trainer(model=model, args=args, train_dataset=TokenDataset(vocab), callbacks=[callback]), callback
