@@ -54,8 +54,12 @@ def rescore_final(run_dir: Path, data: Path) -> float:
 # One run per method; cola's (a knot, a rank step-down, a checkpoint every 3 steps) is also the uninterrupted
 # reference of the resume test, so it runs once.
 EXTRA = {
-    "lora": ["--selection", "dev_score", "--zero_shot", "false"],
-    "cola": ["--chain.length", "2", "--chain.ranks", "[8, 4]", "--save_steps", "3", "--selection", "last"],
+    # fp32: the adapter on the original fp32 base is compared with final/ to 1e-5 (bf16 runs: test_speed_defaults)
+    "lora": ["--selection", "dev_score", "--zero_shot", "false", "--precision", "fp32"],
+    "cola": [
+        *["--chain.length", "2", "--chain.ranks", "[8, 4]", "--save_steps", "3", "--selection", "last"],
+        *["--precision", "fp32"],
+    ],
     "full": ["--lr", "1e-3", "--zero_shot", "false"],
 }
 COLA_RESUMABLE = [*EXTRA["cola"], "--lr", "1e-2"]

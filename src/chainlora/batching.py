@@ -102,3 +102,13 @@ def shared_prompt_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -
     tokens = batch["candidate_tokens"].to(log_probs.device)  # (examples, candidates), -1 = none
     scores = log_probs.gather(-1, tokens.clamp(min=0)).masked_fill(tokens < 0, float("-inf"))
     return F.cross_entropy(scores, batch["labels"].to(scores.device))
+
+
+def batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The harness's training loss of either batch form: a ``SharedPromptCollator`` batch (has
+    ``candidate_tokens``) or a ``chainlora.tasks.TrainingCollator`` one. Both give the same number."""
+    if "candidate_tokens" in batch:
+        return shared_prompt_loss(model, batch)
+    from chainlora import tasks
+
+    return tasks.compute_loss(model, batch)

@@ -106,6 +106,15 @@ def link_delta(layer: LoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Ten
     return delta, (bias.float() * scaling if bias is not None else None)
 
 
+def master_copy(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 master copy of a half-precision base weight, kept on the CPU: it is read only at a knot, so
+    it costs no accelerator memory (COLA memory = LoRA memory). An FSDP2 shard keeps its master beside it."""
+    weight = weight.detach()
+    if distributed.is_sharded(weight):
+        return weight.float().clone()
+    return weight.to("cpu", torch.float32, copy=True)
+
+
 def _merge_into_base(layer: LoraLinear, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
     """``W ← W + delta`` in fp32. With an fp32 master copy (see ``precise``) the sum is kept exact in fp32 and
     only its rounding is written to a half-precision W, so repeated knots do not accumulate rounding error."""
@@ -204,7 +213,8 @@ def tie_knot(
 
     Function-preserving: the model's outputs are unchanged by the knot (B = 0 afterwards).
     ``precise`` keeps an fp32 master copy of each targeted base weight so repeated merges into bf16/fp16 stay
-    exact (default: on when the base weight is not fp32; costs 4 bytes per targeted weight element).
+    exact (default: on when the base weight is not fp32; 4 bytes per targeted weight element of CPU memory,
+    see :func:`master_copy`).
     ``keep_links`` stores each tied link (CPU, fp32) so ``chainlora.export_adapter`` can ship the whole chain.
     Never uses PEFT's ``merge_adapter()``, which would switch the LoRA branch off for the next link.
     """
@@ -246,7 +256,7 @@ def tie_knot(
         weight = layer.get_base_layer().weight
         use_master = precise if precise is not None else weight.dtype != torch.float32
         if use_master and getattr(layer, "chainlora_master_weight", None) is None:
-            layer.chainlora_master_weight = weight.detach().float().clone()
+            layer.chainlora_master_weight = master_copy(weight)
         delta, bias_delta = link_delta(layer, adapter)
         _merge_into_base(layer, delta, bias_delta)
         if keep_links:

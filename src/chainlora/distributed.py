@@ -327,7 +327,10 @@ def sync_replicas(model: nn.Module, src: int = 0) -> bool:
     tensors = _chain_tensors(model)
     if not tensors:
         return True
-    fingerprint = torch.stack([torch.stack([t.double().sum(), t.double().norm()]) for t in tensors]).flatten()
+    device = _collective_device()  # the fp32 masters live on the CPU, the rest on the accelerator
+    fingerprint = torch.stack(
+        [torch.stack([t.double().sum(), t.double().norm()]).to(device) for t in tensors]
+    ).flatten()
     gathered = [torch.empty_like(fingerprint) for _ in range(world_size())]
     dist.all_gather(gathered, fingerprint)
     if all(torch.equal(g, gathered[src]) for g in gathered):
@@ -341,8 +344,20 @@ def sync_replicas(model: nn.Module, src: int = 0) -> bool:
         src,
     )
     for t in tensors:
-        dist.broadcast(t.data, src)
+        if t.device == device:
+            dist.broadcast(t.data, src)
+        else:  # e.g. a CPU master under NCCL: send it through the collective device
+            moved = t.data.to(device)
+            dist.broadcast(moved, src)
+            t.data.copy_(moved)
     return False
+
+
+def _collective_device() -> torch.device:
+    """Where this process group's collectives run: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------- checkpoint (FSDP2)

@@ -16,7 +16,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chainlora.chain import KnotRecord, TiedLink, _extend_link, _record_rank_in_peft_config, lora_layers
+from chainlora.chain import (
+    KnotRecord,
+    TiedLink,
+    _extend_link,
+    _record_rank_in_peft_config,
+    lora_layers,
+    master_copy,
+)
 from chainlora.errors import ChainLoRAError
 from chainlora.io import atomic_path
 
@@ -86,7 +93,7 @@ def load_chain_state(model: nn.Module, directory: str | Path) -> list[KnotRecord
             base = layer.get_base_layer()
             weight = tensors[f"{name}/base_weight"]
             if bool(tensors[f"{name}/master"]):
-                layer.chainlora_master_weight = weight.to(base.weight.device, torch.float32).clone()
+                layer.chainlora_master_weight = master_copy(weight)
             base.weight.copy_(weight)
             if base.bias is not None:
                 base.bias.copy_(tensors[f"{name}/base_bias"])

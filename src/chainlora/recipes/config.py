@@ -20,6 +20,7 @@ Method = Literal["lora", "cola", "full"]
 Optimizer = Literal["adamw", "sgd", "adagrad"]
 LRSchedule = Literal["linear", "jagged", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 Selection = Literal["dev_loss", "dev_score", "last"]
 LoRAInit = Literal["gaussian", "kaiming"]
 NonFinite = Literal["skip", "halt"]
@@ -247,8 +248,21 @@ class TrainConfig:
     """Gradient accumulation: micro-batches of batch_size per optimizer step."""
     eval_batch_size: int | None = None
     """Examples per scoring batch (dev/test). null = batch_size."""
-    precision: Precision = "fp32"
-    """fp32, or bf16/fp16 autocast (weights, knots and merges stay fp32)."""
+    precision: TrainPrecision = "auto"
+    """Autocast dtype: fp32, bf16 or fp16. auto = bf16 where the device has native bf16 matmuls (CUDA bf16
+    GPUs; CPUs with AMX or AVX512-BF16), else fp32 (chainlora.perf.speed_defaults; BENCHMARKS.md §1). LoRA
+    parameters, their gradients and the optimizer state are fp32 in every case."""
+    base_dtype: TrainPrecision = "auto"
+    """Dtype of the frozen base weights (lora/cola). auto = the autocast dtype: a bf16 base under bf16 autocast
+    (no weight cast every step, half the weight memory); knots and the final merge stay exact through fp32
+    master copies of the targeted weights, kept on the CPU. Full fine-tuning always keeps fp32 weights."""
+    group_by_length: bool = True
+    """Batch examples of similar token length together (HF's length grouping, seeded per epoch by
+    train_seed) instead of random batches padded to their longest row (BENCHMARKS.md §3)."""
+    shared_prompt: bool = True
+    """Verbalized classification tasks (every option one token after a shared prompt: sst2, rte, cb, boolq,
+    wsc, wic, multirc): one row per example instead of one per candidate, the same loss (BENCHMARKS.md §3).
+    Other tasks train on the harness's rows whatever this says."""
     train_seed: int = 42
     """Seed of LoRA init, dropout and batch order (the harness keeps it at 42 for every sampling seed)."""
 
@@ -319,7 +333,11 @@ class TrainConfig:
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
         _positive_int("eval_batch_size", self.eval_batch_size)
-        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("base_dtype", self.base_dtype, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("group_by_length", "shared_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, f"must be true or false, got {getattr(self, name)!r}")
         _choice("selection", self.selection, ("dev_loss", "dev_score", "last"))
         if self.num_dev == 0 and self.selection != "last":
             raise _fail("selection", f"{self.selection!r} needs a dev set, but num_dev is 0: use 'last'")
@@ -355,6 +373,10 @@ class TrainConfig:
             chain.length = 1
         if self.method == "full" and chain.ranks is not None:
             raise _fail("chain.ranks", "method full has no LoRA links")
+        if self.method == "full" and self.base_dtype not in ("auto", "fp32"):
+            raise _fail(
+                "base_dtype", f"method full trains the base weights: they stay fp32, not {self.base_dtype}"
+            )
         if chain.ranks is not None:
             if len(chain.ranks) != chain.links:
                 raise _fail(

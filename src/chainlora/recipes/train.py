@@ -52,8 +52,9 @@ from transformers import (
 )
 from transformers.integrations import TensorBoardCallback
 
-from chainlora import distributed
+from chainlora import distributed, perf, tasks
 from chainlora.adapter import export_adapter
+from chainlora.batching import SharedPromptCollator, batch_loss, shared_prompt_view
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import ChainSchedule, merge_chain
 from chainlora.errors import ChainLoRAError, ConfigError
@@ -78,6 +79,7 @@ ADAPTER_DIR = "adapter"
 TIME_FILE = "chainlora_time.json"  # training seconds up to a checkpoint, so a resumed run's total is right
 COMPLETE_MARKER = "chainlora_complete.json"  # written last into a checkpoint: every file in it and its size
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adagrad": "adagrad"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -93,8 +95,10 @@ class Run:
     splits: Any  # chainlora.tasks.TaskSplits
     model: PreTrainedModel  # PEFT-wrapped for lora/cola
     tokenizer: PreTrainedTokenizerBase
-    train_set: Any  # chainlora.tasks.TrainingDataset
+    train_set: Any  # chainlora.tasks.TrainingDataset, or its chainlora.batching.SharedPromptDataset view
     dev_set: Any | None
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]  # batches of train_set / dev_set
+    speed: Speed
     args: TrainingArguments
     schedule: ChainSchedule | None  # lora/cola (lora: no knots)
     total_steps: int
@@ -126,7 +130,7 @@ def setup(config: TrainConfig) -> Run:
     Raises a ``ChainLoRAError`` (one line) for a bad output dir, task, data row, model, target module or knot
     schedule. Writes nothing.
     """
-    from chainlora import models, tasks
+    from chainlora import models
 
     started = time.perf_counter()
     run_dir, resuming = _check_output_dir(config)
@@ -146,13 +150,29 @@ def setup(config: TrainConfig) -> Run:
     if config.num_eval and not splits.test:
         raise ConfigError(f"num_eval: task {task.name} drew no test examples")
 
-    args = _training_args(config, run_dir)
-    model, tokenizer = models.load(config.model, dtype=torch.float32)
+    speed = resolve_speed(config)
+    args = _training_args(config, run_dir, speed)
+    model, tokenizer = models.load(config.model, dtype=DTYPES[speed.base_dtype])
     train_set = tasks.build_training_dataset(task, splits.train, tokenizer, max_length=config.max_length)
     dev_set = (
         tasks.build_training_dataset(task, splits.dev, tokenizer, max_length=config.max_length)
         if splits.dev
         else None
+    )
+    collator: Callable = tasks.TrainingCollator(tokenizer)
+    if config.shared_prompt:
+        train_view = shared_prompt_view(train_set)
+        dev_view = shared_prompt_view(dev_set) if dev_set is not None else None
+        if train_view is not None and (dev_set is None or dev_view is not None):
+            train_set, dev_set, collator = train_view, dev_view, SharedPromptCollator(tokenizer)
+            speed = dataclasses.replace(speed, batching="shared_prompt")
+    logger.info(
+        "speed: %s autocast, %s base, %s, %s batches%s",
+        speed.precision,
+        speed.base_dtype,
+        speed.optim,
+        speed.batching,
+        ", length-grouped" if config.group_by_length else "",
     )
     steps_per_epoch = _steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -176,6 +196,8 @@ def setup(config: TrainConfig) -> Run:
         tokenizer=tokenizer,
         train_set=train_set,
         dev_set=dev_set,
+        collator=collator,
+        speed=speed,
         args=args,
         schedule=schedule,
         total_steps=total_steps,
@@ -307,7 +329,35 @@ def _check_ranks(model: torch.nn.Module, config: TrainConfig) -> None:
                 )
 
 
-def _training_args(config: TrainConfig, run_dir: Path) -> TrainingArguments:
+@dataclass(frozen=True)
+class Speed:
+    """The speed settings a run resolved (``auto`` made concrete for this machine); saved in metrics.json."""
+
+    precision: str  # autocast dtype: fp32, bf16 or fp16
+    base_dtype: str  # dtype of the frozen base weights (fp32 for full fine-tuning)
+    optim: str  # TrainingArguments.optim
+    batching: str = "rows"  # "rows" (one per candidate, the harness) or "shared_prompt" (one per example)
+
+
+def resolve_speed(config: TrainConfig) -> Speed:
+    """``precision``/``base_dtype`` ``auto`` → ``chainlora.perf.speed_defaults`` of the training device; AdamW
+    fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = perf.speed_defaults(device)
+    precision = defaults.precision if config.precision == "auto" else config.precision
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision: fp16 autocast needs a GPU; use bf16 or fp32 on the CPU")
+    if config.method == "full":
+        base_dtype = "fp32"  # the trained weights and their AdamW state stay fp32
+    else:
+        base_dtype = precision if config.base_dtype == "auto" else config.base_dtype
+    optim = OPTIMIZERS[config.optimizer]
+    if config.optimizer == "adamw" and defaults.optim == "adamw_torch_fused":
+        optim = "adamw_torch_fused"
+    return Speed(precision=precision, base_dtype=base_dtype, optim=optim)
+
+
+def _training_args(config: TrainConfig, run_dir: Path, speed: Speed) -> TrainingArguments:
     kwargs: dict[str, Any] = {
         "output_dir": str(run_dir / CHECKPOINTS_DIR),
         "num_train_epochs": config.epochs,
@@ -318,7 +368,7 @@ def _training_args(config: TrainConfig, run_dir: Path) -> TrainingArguments:
         "learning_rate": config.lr,
         "weight_decay": config.weight_decay,
         "max_grad_norm": config.max_grad_norm,
-        "optim": OPTIMIZERS[config.optimizer],
+        "optim": speed.optim,
         "eval_strategy": "epoch" if config.num_dev != 0 else "no",
         "save_strategy": "steps" if config.save_steps else "epoch",
         "save_total_limit": 2,  # the newest can be incomplete (killed while saving): keep one more
@@ -327,8 +377,9 @@ def _training_args(config: TrainConfig, run_dir: Path) -> TrainingArguments:
         "report_to": [],
         "seed": config.train_seed,
         "data_seed": config.train_seed,
-        "bf16": config.precision == "bf16",
-        "fp16": config.precision == "fp16",
+        "bf16": speed.precision == "bf16",
+        "fp16": speed.precision == "fp16",
+        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
@@ -430,8 +481,6 @@ class CheckpointSeal(TrainerCallback):
 
 def score(run: Run, model: torch.nn.Module, examples: Sequence[Any]) -> dict[str, Any]:
     """The task's metric of ``model`` on ``examples`` (fp32, eval mode; the model's mode is restored)."""
-    from chainlora import tasks
-
     return tasks.evaluate(
         model,
         run.tokenizer,
@@ -445,8 +494,6 @@ def score(run: Run, model: torch.nn.Module, examples: Sequence[Any]) -> dict[str
 @torch.no_grad()
 def dataset_loss(model: torch.nn.Module, dataset: Any, collator: Callable, batch_size: int) -> float:
     """The training loss over ``dataset`` (the dev loss), averaged over examples; the model's mode is kept."""
-    from chainlora import tasks
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -455,7 +502,7 @@ def dataset_loss(model: torch.nn.Module, dataset: Any, collator: Callable, batch
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collator(items).items()}
-            total += float(tasks.compute_loss(model, batch)) * len(items)
+            total += float(batch_loss(model, batch)) * len(items)
             count += len(items)
     finally:
         model.train(was_training)
@@ -511,8 +558,10 @@ class LinkLR:
         return max(0.0, (length - t) / max(1, length - warmup))
 
 
-class TaskTrainer(Trainer):
-    """The HF Trainer with the task's training loss, a pure LR schedule, analytic FLOPs and task dev metrics."""
+class TaskTrainer(tasks.TaskTrainer):
+    """The HF Trainer with the task's training loss (either batch form, ``chainlora.batching.batch_loss``),
+    length-grouped batches seeded per epoch (``tasks.TaskTrainer``), a pure LR schedule, analytic FLOPs and task
+    dev metrics."""
 
     # compute_loss returns a per-micro-batch mean: HF must divide it by the accumulation steps
     loss_is_scaled_for_ga = False
@@ -532,9 +581,7 @@ class TaskTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from chainlora import tasks
-
-        loss = tasks.compute_loss(model, inputs)
+        loss = batch_loss(model, inputs)
         return (loss, None) if return_outputs else loss
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -689,8 +736,6 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
     """The Trainer of this run, with the chain callback (lora/cola), TensorBoard and the run callback."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from chainlora import tasks
-
     config = run.config
     chain = (
         ChainOfLoRACallback(
@@ -716,7 +761,7 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
         args=run.args,
         train_dataset=run.train_set,
         eval_dataset=run.dev_set,
-        data_collator=tasks.TrainingCollator(run.tokenizer),
+        data_collator=run.collator,
         callbacks=[*all_callbacks, *callbacks, CheckpointSeal()],  # the seal last: it completes a checkpoint
         run=run,
         lr_lambda=lr_lambda,
@@ -795,6 +840,7 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
         "ranks": [config.lora.r] + [k["next_rank"] for k in knots] if run.schedule else None,  # per link
         "knot_decisions": [dataclasses.asdict(d) for d in getattr(run.schedule, "decisions", [])],
         "lora_bias": run.lora_bias,
+        "speed": dataclasses.asdict(run.speed) | {"group_by_length": config.group_by_length},
         "knots": knots,
         "skipped_steps": [e["step"] for e in state.log_history if "skipped" in e],  # non-finite, not applied
         "num_train": len(run.splits.train),

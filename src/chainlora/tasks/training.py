@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chainlora.tasks.base import Example, Objective, Task
 from chainlora.tasks.encoding import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS, encode_examples
@@ -146,15 +146,38 @@ def compute_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torc
 
 
 def length_grouped_sampler(
-    dataset: TrainingDataset, batch_size: int, generator: torch.Generator | None = None
+    dataset: Dataset, batch_size: int, generator: torch.Generator | None = None
 ) -> LengthGroupedSampler:
-    """HF's length-grouped sampler over the dataset's real lengths (its default would count candidates)."""
+    """HF's length-grouped sampler over the dataset's real ``lengths`` (its default would count candidates)."""
     return LengthGroupedSampler(batch_size, lengths=dataset.lengths, generator=generator)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """HF's length grouping (random megabatches of 50 batches, each sorted by length, the longest batch first)
+    whose order in epoch ``e`` is a pure function of ``(seed, e)``.
+
+    HF's own sampler draws from the global RNG when iterated, so a run resumed mid-epoch would draw a different
+    order than the one it was interrupted in; this one replays it exactly (the Trainer calls ``set_epoch``).
+    """
+
+    def __init__(self, batch_size: int, lengths: Sequence[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=list(lengths))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class TaskTrainer(Trainer):
     """A ``Trainer`` training with ``compute_loss`` (a per-batch mean, so scaled for gradient accumulation by the
-    Trainer), whose ``train_sampling_strategy="group_by_length"`` groups by each item's real token length."""
+    Trainer), whose ``train_sampling_strategy="group_by_length"`` groups by each item's real token length
+    (any dataset with ``lengths``: ``TrainingDataset``, ``chainlora.batching.SharedPromptDataset``), in an order
+    that depends only on ``data_seed`` and the epoch."""
 
     loss_is_scaled_for_ga = False
 
@@ -170,7 +193,8 @@ class TaskTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, TrainingDataset):
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return length_grouped_sampler(dataset, batch)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(batch, dataset.lengths, seed)
         return super()._get_train_sampler(train_dataset)

@@ -5,6 +5,7 @@ Everything here builds offline in about a second, so unit tests never need a dow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +34,11 @@ TINY_CORPUS = [
 Arch = Literal["llama", "opt"]
 
 
-def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (BOS added to every encoding, like Llama's), trained on TINY_CORPUS."""
+def tiny_tokenizer(vocab_size: int = 320, extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (BOS added to every encoding, like Llama's), trained on TINY_CORPUS.
+
+    ``extra_tokens`` are added as whole tokens (e.g. ``[" great", " terrible"]`` makes SST-2's verbalizers single
+    tokens, as in a real vocabulary, so the task qualifies for ``chainlora.batching.shared_prompt_view``)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,9 +51,12 @@ def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
     )
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens))
+    return tokenizer
 
 
 def tiny_causal_lm(
@@ -93,10 +100,12 @@ def tiny_causal_lm(
     return model
 
 
-def tiny_model_dir(path: str | Path, arch: Arch = "llama", seed: int = 0) -> Path:
-    """Save a tiny model and its tokenizer as a standard HF folder (loadable by ``from_pretrained``)."""
+def tiny_model_dir(
+    path: str | Path, arch: Arch = "llama", seed: int = 0, extra_tokens: Sequence[str] = ()
+) -> Path:
+    """Save a tiny model and its tokenizer (see ``tiny_tokenizer``) as a standard HF folder."""
     path = Path(path)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(extra_tokens=extra_tokens)
     model = tiny_causal_lm(arch, vocab_size=len(tokenizer), seed=seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

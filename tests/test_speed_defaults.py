@@ -1,0 +1,170 @@
+"""The fast training paths are the defaults of ``chainlora train``, and each is a pure speed-up or states its cost:
+
+* ``shared_prompt``: one row per example trains exactly like the harness's one row per candidate;
+* ``group_by_length``: batches of similar length, in an order that is a pure function of (seed, epoch);
+* ``precision: auto`` / ``base_dtype: auto``: bf16 autocast on a bf16 base where the device has bf16 matmuls,
+  LoRA parameters in fp32, knots exact through fp32 master copies kept on the CPU;
+* AdamW fused where torch has the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from chainlora import perf, tasks
+from chainlora.chain import lora_layers
+from chainlora.cli import main, parse_config
+from chainlora.recipes.config import TrainConfig
+from chainlora.recipes.train import resolve_speed, train
+from chainlora.tasks.training import EpochSeededLengthGroupedSampler
+from chainlora.testing import tiny_model_dir
+
+# SST-2's verbalizers as single tokens (as in a real vocabulary), so the task has a shared-prompt view
+VERBALIZER_TOKENS = [" great", " terrible"]
+SMALL = ["--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--batch_size", "4", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def sst2_model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-sst2"), "llama", extra_tokens=VERBALIZER_TOKENS)
+
+
+def run(model_dir: Path, data: Path, out: Path, *extra: str) -> dict:
+    args = [
+        "--model",
+        str(model_dir),
+        "--task",
+        "sst2",
+        "--data",
+        str(data / "sst2"),
+        "--output_dir",
+        str(out),
+    ]
+    assert main(["train", *args, *SMALL, *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_auto_settings_follow_the_device():
+    defaults = perf.speed_defaults("cuda" if torch.cuda.is_available() else "cpu")
+    cola = resolve_speed(TrainConfig(method="cola"))
+    assert (cola.precision, cola.base_dtype) == (defaults.precision, defaults.precision)
+    assert cola.optim == defaults.optim  # fused AdamW where torch has the kernel
+    full = resolve_speed(TrainConfig(method="full"))
+    assert (full.precision, full.base_dtype) == (defaults.precision, "fp32")  # trained weights stay fp32
+    assert resolve_speed(TrainConfig(method="lora", precision="fp32")).base_dtype == "fp32"
+    assert resolve_speed(TrainConfig(method="lora", optimizer="sgd")).optim == "sgd"
+    defaults_of_the_cli = TrainConfig()
+    assert defaults_of_the_cli.group_by_length and defaults_of_the_cli.shared_prompt
+    assert (defaults_of_the_cli.precision, defaults_of_the_cli.base_dtype) == ("auto", "auto")
+
+
+def test_shared_prompt_batches_train_exactly_like_the_harness_rows(sst2_model_dir, shared_data, tmp_path):
+    common = ["--method", "cola", "--chain.length", "2", "--precision", "fp32", "--lr", "1e-2"]
+    shared = run(sst2_model_dir, shared_data, tmp_path / "shared", *common)
+    rows = run(sst2_model_dir, shared_data, tmp_path / "rows", *common, "--shared_prompt", "false")
+    assert shared["speed"]["batching"] == "shared_prompt" and rows["speed"]["batching"] == "rows"
+    # half the rows (2 candidates per example), so fewer FLOPs for the same steps
+    assert shared["train_flops"] < rows["train_flops"] and shared["train_steps"] == rows["train_steps"]
+    for mine, theirs in zip(shared["train_loss"], rows["train_loss"], strict=True):
+        assert mine[0] == theirs[0] and mine[1] == pytest.approx(theirs[1], abs=1e-5)
+    for mine, theirs in zip(shared["dev_history"], rows["dev_history"], strict=True):
+        assert mine["dev_loss"] == pytest.approx(theirs["dev_loss"], abs=1e-5)
+    assert shared["knots"][0]["step"] == rows["knots"][0]["step"]
+    assert shared["test_score"] == rows["test_score"]
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("shared", "rows"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+class DtypeProbe(TrainerCallback):
+    """Records, after every step, the dtypes and devices the bf16 defaults promise."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        _, layer, adapter = next(iter(lora_layers(model)))
+        master = getattr(layer, "chainlora_master_weight", None)
+        self.seen.append(
+            {
+                "base": layer.get_base_layer().weight.dtype,
+                "lora": {layer.lora_A[adapter].weight.dtype, layer.lora_B[adapter].weight.dtype},
+                "master": None if master is None else (master.dtype, master.device.type),
+            }
+        )
+
+
+def test_bf16_defaults_keep_lora_fp32_and_knots_exact_through_cpu_masters(
+    sst2_model_dir, shared_data, tmp_path
+):
+    out = tmp_path / "bf16"
+    args = ["--model", str(sst2_model_dir), "--task", "sst2", "--data", str(shared_data / "sst2")]
+    args += ["--output_dir", str(out), *SMALL, "--method", "cola", "--chain.length", "2", "--lr", "1e-2"]
+    config = parse_config(TrainConfig, [*args, "--precision", "bf16"], prog="test")
+    probe = DtypeProbe()
+    metrics = train(config, callbacks=[probe])
+    assert metrics["speed"] == {
+        "precision": "bf16",
+        "base_dtype": "bf16",
+        "optim": perf.speed_defaults("cpu").optim,
+        "batching": "shared_prompt",
+        "group_by_length": True,
+    }
+    knot = metrics["knots"][0]["step"]
+    for step, seen in enumerate(probe.seen, start=1):
+        assert seen["base"] == torch.bfloat16 and seen["lora"] == {torch.float32}
+        assert seen["master"] == (None if step < knot else (torch.float32, "cpu"))
+
+    # final/ is the bf16 model the run tested, and scores exactly what the run reported
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    task = tasks.get_task("sst2")
+    test = tasks.load_task_data(task, data=shared_data / "sst2").sample(0, num_train=0, num_dev=0, num_eval=8)
+    assert tasks.evaluate(model, tokenizer, task, test.test, batch_size=4)["score"] == metrics["test_score"]
+
+    # Knots did not accumulate bf16 rounding: every merged weight is ONE rounding of W0 + Σ links (the adapter
+    # holds every link), not a rounding per knot (a second rounding would exceed half an ulp somewhere).
+    base = load_file(sst2_model_dir / "model.safetensors")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    scale = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    final = load_file(out / "final" / "model.safetensors")
+    checked = 0
+    for key, weight in final.items():
+        if not key.endswith(("q_proj.weight", "v_proj.weight")):
+            continue
+        stem = key.removesuffix(".weight")
+        a = next(v for k, v in adapter.items() if k.endswith(f"{stem}.lora_A.weight"))
+        b = next(v for k, v in adapter.items() if k.endswith(f"{stem}.lora_B.weight"))
+        scaling = scale["lora_alpha"] / scale["r"]
+        exact = base[key].to(torch.bfloat16).float() + scaling * (b.float() @ a.float())
+        half_ulp = exact.abs().clamp(min=1e-30) * 2.0**-8  # ≥ half a bf16 ulp: one rounding, no more
+        assert ((weight.float() - exact).abs() <= half_ulp * 1.01).all(), key
+        checked += 1
+    assert checked == 4  # q and v of both layers
+
+
+def test_length_grouped_order_is_a_pure_function_of_seed_and_epoch():
+    lengths = [int(x) for x in torch.randint(5, 200, (97,), generator=torch.Generator().manual_seed(1))]
+    sampler = EpochSeededLengthGroupedSampler(4, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(97)) and list(sampler) == first  # a permutation, repeatable
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(97)) and second != first
+    again = EpochSeededLengthGroupedSampler(4, lengths, seed=3)
+    again.set_epoch(1)
+    assert list(again) == second  # a fresh sampler (a resumed run) replays the epoch exactly
+
+    def padding(order: list[int]) -> int:
+        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = torch.randperm(97, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(first) < padding(shuffled) / 2
