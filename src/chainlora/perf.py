@@ -1,6 +1,8 @@
 """Speed settings for training and scoring, chosen from the measurements in ``bench/`` (see BENCHMARKS.md).
 
-One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run:
+One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run
+(``chainlora train`` resolves ``precision: auto``, ``base_dtype: auto``, the AdamW kernel and length grouping
+from here, see ``recipes.train.resolve_speed``; it does not compile):
 
 * ``bf16`` autocast where the hardware has native bf16 matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16),
   with the frozen base stored in bf16 too (no weight cast every step, half the weight memory) and the LoRA
