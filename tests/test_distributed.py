@@ -119,7 +119,7 @@ def _fsdp2_manual(out: Path, process: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from chainlora.distributed import load_chain, save_chain
+    from chainlora.state import load_chain_state, save_chain_state
 
     def sharded() -> nn.Module:
         model = lora_model()
@@ -132,10 +132,10 @@ def _fsdp2_manual(out: Path, process: int) -> None:
     model = sharded()
     train_manual(model, model, process, world_size())
     weights = chain_weights(model)  # gathers: a collective
-    save_chain(model, out / "fsdp_ckpt", [], main=process == 0)
+    save_chain_state(model, out / "fsdp_ckpt", [], main=process == 0)
     torch.distributed.barrier()
     restored = sharded()
-    load_chain(restored, out / "fsdp_ckpt")  # every process reads the file and keeps its own slices
+    load_chain_state(restored, out / "fsdp_ckpt")  # every process reads the file and keeps its own slices
     restored_weights = chain_weights(restored)
     if process == 0:
         torch.save(weights, out / "fsdp_manual.pt")

@@ -28,7 +28,7 @@ from chainlora.chain import Init, KnotError, KnotRecord, chain_length, lora_laye
 from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.io import write_json_atomic
-from chainlora.state import CHAIN_STATE_FILE
+from chainlora.state import CHAIN_STATE_FILE, load_chain_state, save_chain_state
 
 logger = logging.getLogger("chainlora")
 
@@ -94,7 +94,7 @@ class ChainOfLoRACallback(TrainerCallback):
 
     def restore(self, model, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the chain (base weights, links, ranks, knot records) saved in ``checkpoint_dir``."""
-        self.knots = distributed.load_chain(model, checkpoint_dir)  # every process restores
+        self.knots = load_chain_state(model, checkpoint_dir)  # every process restores
         if hasattr(self.schedule, "load_state_dict"):
             schedule_file = Path(checkpoint_dir) / SCHEDULE_STATE_FILE
             if not schedule_file.is_file():
@@ -195,6 +195,6 @@ class ChainOfLoRACallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kw):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # every process calls it (FSDP2 gathers the shards first); only the main one writes
-        distributed.save_chain(model, checkpoint, self.knots, main=args.should_save)
+        save_chain_state(model, checkpoint, self.knots, main=args.should_save)
         if args.should_save and hasattr(self.schedule, "state_dict"):
             write_json_atomic(checkpoint / SCHEDULE_STATE_FILE, self.schedule.state_dict())

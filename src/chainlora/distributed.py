@@ -27,12 +27,9 @@ both transient; with ``keep_links`` each process also keeps the tied link whole 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,7 +49,6 @@ from chainlora.errors import ConfigError
 if TYPE_CHECKING:
     from peft.tuners.lora import Linear as LoraLinear
 
-    from chainlora.chain import KnotRecord
 
 logger = logging.getLogger("chainlora")
 
@@ -65,8 +61,6 @@ __all__ = [
     "full_tensor",
     "is_sharded",
     "item",
-    "load_chain",
-    "save_chain",
     "sharded_link_delta",
     "sync_replicas",
     "world_size",
@@ -358,134 +352,3 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------- checkpoint (FSDP2)
-
-
-def _has_sharded_chain(model: nn.Module) -> bool:
-    from chainlora.chain import lora_layers
-
-    return any(is_sharded(layer.get_base_layer().weight) for _, layer, _ in lora_layers(model))
-
-
-def save_chain(
-    model: nn.Module, directory: str | Path, knots: list[KnotRecord], *, main: bool
-) -> Path | None:
-    """Write the chain state (``state.save_chain_state``'s file); ``main`` says whether this process writes.
-
-    Replicated weights: only the main process does anything. Sharded (FSDP2) weights: **every process must
-    call it**; each tensor is gathered in turn (one W at a time in device memory) and the main process collects
-    them on CPU (the targeted weights, as large as the file) and writes the same format as one process would.
-    """
-    from chainlora.state import save_chain_state
-
-    if not _has_sharded_chain(model):
-        return save_chain_state(model, directory, knots) if main else None
-    from safetensors.torch import save_file
-
-    from chainlora.chain import lora_layers
-    from chainlora.io import atomic_path
-    from chainlora.state import CHAIN_STATE_FILE, FORMAT
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def put(key: str, tensor: torch.Tensor) -> None:
-        whole = full_tensor(tensor.detach())  # collective: same keys in the same order on every process
-        if main:
-            tensors[key] = whole.contiguous().cpu()
-
-    for name, layer, adapter in lora_layers(model):
-        base = layer.get_base_layer()
-        master = getattr(layer, "chainlora_master_weight", None)
-        put(f"{name}/base_weight", master if master is not None else base.weight)
-        tensors[f"{name}/master"] = torch.tensor(master is not None)
-        if base.bias is not None:
-            put(f"{name}/base_bias", base.bias)
-        put(f"{name}/lora_A", layer.lora_A[adapter].weight)
-        put(f"{name}/lora_B", layer.lora_B[adapter].weight)
-        if layer.lora_B[adapter].bias is not None:
-            put(f"{name}/lora_B_bias", layer.lora_B[adapter].bias)
-        tensors[f"{name}/knots"] = torch.tensor(getattr(layer, "chainlora_knots", 0))
-        for i, link in enumerate(getattr(layer, "chainlora_links", [])):  # already whole, on CPU
-            tensors[f"{name}/link{i}/lora_A"] = link.lora_A
-            tensors[f"{name}/link{i}/lora_B"] = link.lora_B
-            tensors[f"{name}/link{i}/scaling"] = torch.tensor(link.scaling, dtype=torch.float64)
-            if link.lora_B_bias is not None:
-                tensors[f"{name}/link{i}/lora_B_bias"] = link.lora_B_bias
-    if not main:
-        return None
-    path = Path(directory) / CHAIN_STATE_FILE
-    metadata = {"format": FORMAT, "knots": json.dumps([asdict(k) for k in knots])}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    return path
-
-
-@torch.no_grad()
-def load_chain(model: nn.Module, directory: str | Path) -> list[KnotRecord]:
-    """Restore the chain state on this process (every process calls it); returns the knot records.
-
-    Replicated weights: ``state.load_chain_state``. Sharded (FSDP2) weights: each tensor is read from the file
-    in turn and each process keeps its own slice; the saved ranks must equal the model's (no resize).
-    """
-    from chainlora.state import load_chain_state
-
-    if not _has_sharded_chain(model):
-        return load_chain_state(model, directory)
-    from safetensors import safe_open
-
-    from chainlora.chain import KnotRecord, TiedLink, lora_layers
-    from chainlora.errors import ChainLoRAError
-    from chainlora.state import CHAIN_STATE_FILE, FORMAT
-
-    path = Path(directory) / CHAIN_STATE_FILE
-    if not path.is_file():
-        raise ChainLoRAError(f"{path} not found: this checkpoint has no chain state to resume from")
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ChainLoRAError(f"{path}: not a {FORMAT} file (format={metadata.get('format')!r})")
-        keys = set(f.keys())
-        layers = list(lora_layers(model))
-        saved = {key.split("/")[0] for key in keys}
-        if any(name not in saved for name, _, _ in layers) or len(saved) != len(layers):
-            raise ChainLoRAError(
-                f"{path}: saved chain covers {len(saved)} layers, the model has {len(layers)} LoRA layers"
-            )
-        for name, layer, adapter in layers:
-            A = f.get_tensor(f"{name}/lora_A")
-            if A.shape[0] != layer.r[adapter]:
-                raise ConfigError(
-                    f"{path}: {name} was saved with rank {A.shape[0]}, the sharded model has rank "
-                    f"{layer.r[adapter]}; build the LoRA model with the saved rank before FSDP shards it"
-                )
-            base = layer.get_base_layer()
-            weight = f.get_tensor(f"{name}/base_weight")
-            if bool(f.get_tensor(f"{name}/master")):
-                master = base.weight.detach().float().clone()
-                copy_full_(master, weight)
-                layer.chainlora_master_weight = master
-            copy_full_(base.weight, weight)
-            if base.bias is not None:
-                copy_full_(base.bias, f.get_tensor(f"{name}/base_bias"))
-            copy_full_(layer.lora_A[adapter].weight, A)
-            copy_full_(layer.lora_B[adapter].weight, f.get_tensor(f"{name}/lora_B"))
-            if layer.lora_B[adapter].bias is not None:
-                copy_full_(layer.lora_B[adapter].bias, f.get_tensor(f"{name}/lora_B_bias"))
-            layer.chainlora_knots = int(f.get_tensor(f"{name}/knots"))
-            links = sum(1 for k in keys if k.startswith(f"{name}/link") and k.endswith("/lora_A"))
-            layer.chainlora_links = [
-                TiedLink(
-                    lora_A=f.get_tensor(f"{name}/link{i}/lora_A"),
-                    lora_B=f.get_tensor(f"{name}/link{i}/lora_B"),
-                    scaling=float(f.get_tensor(f"{name}/link{i}/scaling")),
-                    lora_B_bias=(
-                        f.get_tensor(f"{name}/link{i}/lora_B_bias")
-                        if f"{name}/link{i}/lora_B_bias" in keys
-                        else None
-                    ),
-                )
-                for i in range(links)
-            ]
-    return [KnotRecord(**k) for k in json.loads(metadata.get("knots", "[]"))]

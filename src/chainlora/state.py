@@ -8,14 +8,17 @@ changed, for the LoRA-targeted layers only (small next to the model), so resumin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from chainlora import distributed
 from chainlora.chain import (
     KnotRecord,
     TiedLink,
@@ -24,96 +27,138 @@ from chainlora.chain import (
     lora_layers,
     master_copy,
 )
-from chainlora.errors import ChainLoRAError
+from chainlora.errors import ChainLoRAError, ConfigError
 from chainlora.io import atomic_path
 
 CHAIN_STATE_FILE = "chainlora_chain.safetensors"
 FORMAT = "chainlora-chain-v1"
 
 
-def chain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors of the chain for every LoRA layer: base weight (fp32 master when kept) and bias, current A/B,
-    and each tied link. Keys are ``<layer name>/<what>``."""
-    tensors: dict[str, torch.Tensor] = {}
+def _chain_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``(key, tensor)`` of the chain file, in a fixed order: the one definition of its layout.
+
+    Per LoRA layer: base weight (the fp32 master when kept) and bias, current A/B (and B's bias), the number of
+    knots, and each tied link. Tensors are as this process holds them (an FSDP2 shard stays a shard).
+    """
     for name, layer, adapter in lora_layers(model):
         base = layer.get_base_layer()
         master = getattr(layer, "chainlora_master_weight", None)
-        tensors[f"{name}/base_weight"] = (master if master is not None else base.weight).detach()
-        tensors[f"{name}/master"] = torch.tensor(master is not None)
+        yield f"{name}/base_weight", master if master is not None else base.weight
+        yield f"{name}/master", torch.tensor(master is not None)
         if base.bias is not None:
-            tensors[f"{name}/base_bias"] = base.bias.detach()
-        tensors[f"{name}/lora_A"] = layer.lora_A[adapter].weight.detach()
-        tensors[f"{name}/lora_B"] = layer.lora_B[adapter].weight.detach()
+            yield f"{name}/base_bias", base.bias
+        yield f"{name}/lora_A", layer.lora_A[adapter].weight
+        yield f"{name}/lora_B", layer.lora_B[adapter].weight
         if layer.lora_B[adapter].bias is not None:
-            tensors[f"{name}/lora_B_bias"] = layer.lora_B[adapter].bias.detach()
-        tensors[f"{name}/knots"] = torch.tensor(getattr(layer, "chainlora_knots", 0))
-        for i, link in enumerate(getattr(layer, "chainlora_links", [])):
-            tensors[f"{name}/link{i}/lora_A"] = link.lora_A
-            tensors[f"{name}/link{i}/lora_B"] = link.lora_B
-            tensors[f"{name}/link{i}/scaling"] = torch.tensor(link.scaling, dtype=torch.float64)
+            yield f"{name}/lora_B_bias", layer.lora_B[adapter].bias
+        yield f"{name}/knots", torch.tensor(getattr(layer, "chainlora_knots", 0))
+        for i, link in enumerate(getattr(layer, "chainlora_links", [])):  # whole, on the CPU already
+            yield f"{name}/link{i}/lora_A", link.lora_A
+            yield f"{name}/link{i}/lora_B", link.lora_B
+            yield f"{name}/link{i}/scaling", torch.tensor(link.scaling, dtype=torch.float64)
             if link.lora_B_bias is not None:
-                tensors[f"{name}/link{i}/lora_B_bias"] = link.lora_B_bias
-    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+                yield f"{name}/link{i}/lora_B_bias", link.lora_B_bias
 
 
-def save_chain_state(model: nn.Module, directory: str | Path, knots: list[KnotRecord] = ()) -> Path:
-    """Write ``directory/chainlora_chain.safetensors`` atomically (temp + fsync + rename)."""
+def _is_sharded_chain(model: nn.Module) -> bool:
+    return any(distributed.is_sharded(layer.get_base_layer().weight) for _, layer, _ in lora_layers(model))
+
+
+def chain_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The chain as whole tensors on the CPU, keyed ``<layer name>/<what>`` (see :func:`_chain_items`).
+
+    FSDP2 shards are gathered one tensor at a time (a collective: every process must call it); a process with
+    ``keep=False`` takes part in the gathers and keeps nothing (returns ``{}``).
+    """
+    tensors = {}
+    for key, tensor in _chain_items(model):
+        whole = distributed.full_tensor(tensor.detach())
+        if keep:
+            tensors[key] = whole.contiguous().cpu()
+    return tensors
+
+
+def save_chain_state(
+    model: nn.Module, directory: str | Path, knots: Sequence[KnotRecord] = (), *, main: bool = True
+) -> Path | None:
+    """Write ``directory/chainlora_chain.safetensors`` atomically (temp + fsync + rename); ``main`` says whether
+    this process writes. With FSDP2 shards **every process must call it** (the gathers are collectives); with
+    replicated weights the other processes return at once. The file is the same either way."""
+    if not main and not _is_sharded_chain(model):
+        return None
+    tensors = chain_state_dict(model, keep=main)
+    if not main:
+        return None
     path = Path(directory) / CHAIN_STATE_FILE
     metadata = {"format": FORMAT, "knots": json.dumps([asdict(k) for k in knots])}
     with atomic_path(path) as tmp:
-        save_file(chain_state_dict(model), str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
+@torch.no_grad()
 def load_chain_state(model: nn.Module, directory: str | Path) -> list[KnotRecord]:
-    """Restore the chain saved by :func:`save_chain_state` into ``model`` (same architecture and LoRA targets).
+    """Restore the chain saved by :func:`save_chain_state` into ``model`` (same architecture and LoRA targets);
+    returns the knot records. Every process of a distributed run calls it.
 
-    Links are resized to the saved rank first (no optimizer must hold them yet). Returns the knot records.
+    Replicated weights: links are resized to the saved rank first (no optimizer may hold them yet). FSDP2
+    shards: each tensor is read in turn and each process keeps its own slice; the saved rank must equal the
+    model's (a sharded link cannot be resized).
     """
     path = Path(directory) / CHAIN_STATE_FILE
     if not path.is_file():
         raise ChainLoRAError(f"{path} not found: this checkpoint has no chain state to resume from")
-    tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ChainLoRAError(f"{path}: not a {FORMAT} file (format={metadata.get('format')!r})")
-    layers = list(lora_layers(model))
-    saved = {key.split("/")[0] for key in tensors}
-    missing = [name for name, _, _ in layers if name not in saved]
-    if missing or len(saved) != len(layers):
-        raise ChainLoRAError(
-            f"{path}: saved chain covers {len(saved)} layers, the model has {len(layers)} LoRA layers"
-        )
-    with torch.no_grad():
+        if metadata.get("format") != FORMAT:
+            raise ChainLoRAError(f"{path}: not a {FORMAT} file (format={metadata.get('format')!r})")
+        keys = set(f.keys())
+        layers = list(lora_layers(model))
+        saved = {key.split("/")[0] for key in keys}
+        if any(name not in saved for name, _, _ in layers) or len(saved) != len(layers):
+            raise ChainLoRAError(
+                f"{path}: saved chain covers {len(saved)} layers, the model has {len(layers)} LoRA layers"
+            )
         for name, layer, adapter in layers:
-            saved_rank = tensors[f"{name}/lora_A"].shape[0]
-            if saved_rank != layer.r[adapter]:
-                _extend_link(layer, adapter, saved_rank, "gaussian", None)
-            base = layer.get_base_layer()
-            weight = tensors[f"{name}/base_weight"]
-            if bool(tensors[f"{name}/master"]):
-                layer.chainlora_master_weight = master_copy(weight)
-            base.weight.copy_(weight)
-            if base.bias is not None:
-                base.bias.copy_(tensors[f"{name}/base_bias"])
-            layer.lora_A[adapter].weight.copy_(tensors[f"{name}/lora_A"])
-            layer.lora_B[adapter].weight.copy_(tensors[f"{name}/lora_B"])
-            if layer.lora_B[adapter].bias is not None:
-                layer.lora_B[adapter].bias.copy_(tensors[f"{name}/lora_B_bias"])
-            layer.chainlora_knots = int(tensors[f"{name}/knots"])
-            layer.chainlora_links = [
-                TiedLink(
-                    lora_A=tensors[f"{name}/link{i}/lora_A"],
-                    lora_B=tensors[f"{name}/link{i}/lora_B"],
-                    scaling=float(tensors[f"{name}/link{i}/scaling"]),
-                    lora_B_bias=tensors.get(f"{name}/link{i}/lora_B_bias"),
-                )
-                for i in range(
-                    sum(1 for k in tensors if k.startswith(f"{name}/link") and k.endswith("/lora_A"))
-                )
-            ]
+            _restore_layer(f, keys, name, layer, adapter, path)
     ranks = {layer.r[adapter] for _, layer, adapter in layers}
     if len(ranks) == 1:
         _record_rank_in_peft_config(model, ranks.pop())
     return [KnotRecord(**k) for k in json.loads(metadata.get("knots", "[]"))]
+
+
+def _restore_layer(f: Any, keys: set[str], name: str, layer: Any, adapter: str, path: Path) -> None:
+    """One layer of :func:`load_chain_state`: ``f`` is the open safetensors file."""
+    saved_rank = f.get_tensor(f"{name}/lora_A").shape[0]
+    base = layer.get_base_layer()
+    if saved_rank != layer.r[adapter]:
+        if distributed.is_sharded(base.weight):
+            raise ConfigError(
+                f"{path}: {name} was saved with rank {saved_rank}, the sharded model has rank "
+                f"{layer.r[adapter]}; build the LoRA model with the saved rank before FSDP shards it"
+            )
+        _extend_link(layer, adapter, saved_rank, "gaussian", None)
+    weight = f.get_tensor(f"{name}/base_weight")
+    if bool(f.get_tensor(f"{name}/master")):
+        layer.chainlora_master_weight = master_copy(base.weight)  # placed (and sharded) as tie_knot places it
+        distributed.copy_full_(layer.chainlora_master_weight, weight)
+    distributed.copy_full_(base.weight, weight)
+    if base.bias is not None:
+        distributed.copy_full_(base.bias, f.get_tensor(f"{name}/base_bias"))
+    distributed.copy_full_(layer.lora_A[adapter].weight, f.get_tensor(f"{name}/lora_A"))
+    distributed.copy_full_(layer.lora_B[adapter].weight, f.get_tensor(f"{name}/lora_B"))
+    if layer.lora_B[adapter].bias is not None:
+        distributed.copy_full_(layer.lora_B[adapter].bias, f.get_tensor(f"{name}/lora_B_bias"))
+    layer.chainlora_knots = int(f.get_tensor(f"{name}/knots"))
+    links = sum(1 for k in keys if k.startswith(f"{name}/link") and k.endswith("/lora_A"))
+    layer.chainlora_links = [
+        TiedLink(
+            lora_A=f.get_tensor(f"{name}/link{i}/lora_A"),
+            lora_B=f.get_tensor(f"{name}/link{i}/lora_B"),
+            scaling=float(f.get_tensor(f"{name}/link{i}/scaling")),
+            lora_B_bias=(
+                f.get_tensor(f"{name}/link{i}/lora_B_bias") if f"{name}/link{i}/lora_B_bias" in keys else None
+            ),
+        )
+        for i in range(links)
+    ]
