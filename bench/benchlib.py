@@ -148,6 +148,19 @@ def load_model(
     return model, tokenizer
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` that shares the storage of all its parameters and buffers (no memory): new
+    ``Parameter`` objects (own ``requires_grad`` and ``.grad``, ties kept), the same data. Only for variants
+    that never write into their weights (a PEFT loop's frozen base): an in-place write shows in both."""
+    import copy
+
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()
+    }
+    memo |= {id(b): b for b in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
 def lora_targets(name: str) -> list[str]:
     return SHAPES[name]["targets"] if name in SHAPES else ["q_proj", "v_proj"]
 
@@ -189,6 +202,49 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return median([a / b for a, b in zip(numerator, denominator, strict=True)])
 
 
+# ------------------------------------------------------------------------------------------- matmul peak
+
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MatmulPeak:
+    """The achievable dense matmul rate of this device, measured: ``size``×``size`` @ ``size``×``size``
+    ``torch.matmul`` in ``precision``, repeated so one call lasts about ``target_seconds``.
+
+    Time the instance like any other benchmark function (with ``interleaved``, next to the variants: then it
+    is measured at the same thread count and under the same load as they are) and ``tflops(seconds)`` turns
+    a call's wall time into TFLOP/s. It is what torch reaches on a large square matmul, not a datasheet peak.
+    """
+
+    def __init__(
+        self, precision: str, device: str, size: int = 2048, target_seconds: float = 0.25, seed: int = 0
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        dtype = MATMUL_DTYPES[precision]
+        self.precision, self.device, self.size, self.repeats = precision, device, size, 1
+        self.a = torch.randn(size, size, generator=generator).to(device, dtype)
+        self.b = torch.randn(size, size, generator=generator).to(device, dtype)
+        self.out = torch.empty(size, size, dtype=dtype, device=device)
+        self()  # warm-up: kernel selection, page faults
+        synchronize(device)
+        start = time.perf_counter()
+        self()
+        synchronize(device)
+        self.repeats = max(1, round(target_seconds / max(time.perf_counter() - start, 1e-9)))
+
+    def __call__(self) -> None:
+        for _ in range(self.repeats):
+            torch.matmul(self.a, self.b, out=self.out)
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one call (a multiply-add = 2)."""
+        return 2 * self.size**3 * self.repeats
+
+    def tflops(self, seconds: float) -> float:
+        return self.flops / seconds / 1e12
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 
 
@@ -217,6 +273,17 @@ def peak_rss_mib() -> float:
 
 def rss_mib() -> float:
     return _status_kib("VmRSS") / 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the freed heap back to the OS (glibc ``malloc_trim``), so that a memory probe
+    started next does not compete with memory this process no longer uses."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 PROBE_ENV = {

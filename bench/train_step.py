@@ -18,16 +18,24 @@ are timed interleaved in one process. Peak memory: CUDA, in process (resident by
 largest transient of its steps, from ``torch.cuda`` allocator stats); CPU, one fresh subprocess per variant
 (peak RSS over steady-state steps, after warm-up, glibc told to return freed memory at once).
 
+MFU = model FLOPs per second (``chainlora.recipes.flops``: 6·N·tokens for trained weights, 2N or 4N for a
+frozen base, plus the LoRA links and attention) over a peak: on CUDA the GPU's datasheet dense bf16 peak
+(``benchlib.PEAK_TFLOPS_BF16``), on CPU the dense matmul rate *measured* in this process
+(``benchlib.MatmulPeak``: a large square ``torch.matmul`` in the variant's compute dtype, timed interleaved
+with the steps, so at the same thread count and load), not a datasheet figure.
+
     python bench/train_step.py                         # CPU: smollm2-135m, 4×128
     python bench/train_step.py --compile               # CPU, adds the torch.compile variants (slow to compile)
     python bench/train_step.py --device cuda           # CUDA: random-init OPT-1.3B shape, bf16
     python bench/train_step.py --device cuda --model llama-2-7b
+    python bench/train_step.py --model opt-1.3b --batch-size 2 --threads 1    # CPU, the OPT-1.3B shape
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -123,15 +131,25 @@ class Runner:
     warmup_seconds: float = 0.0
 
 
+SHARED_BASES: dict[torch.dtype, torch.nn.Module] = {}  # --share-base: one unwrapped base per weight dtype
+
+
 def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runner:
     from peft import LoraConfig, get_peft_model
 
     device = torch.device(args.device)
     name = default_model_name(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant.precision, torch.float32)
-    model, _ = benchlib.load_model(
-        name, args.device, dtype=dtype if variant.w16 else torch.float32, layers=args.layers, seed=args.seed
-    )
+    base_dtype = dtype if variant.w16 else torch.float32
+    share = args.share_base and variant.method == "peft"  # PEFT never writes into its base; COLA's knots do
+    if share and base_dtype in SHARED_BASES:
+        model = benchlib.shared_copy(SHARED_BASES[base_dtype])
+    else:
+        model, _ = benchlib.load_model(
+            name, args.device, dtype=base_dtype, layers=args.layers, seed=args.seed
+        )
+        if share:  # kept unwrapped: get_peft_model below wraps ``model``'s modules in place
+            SHARED_BASES[base_dtype] = benchlib.shared_copy(model)
     if variant.method == "full":
         model.requires_grad_(True)
     else:
@@ -242,7 +260,11 @@ def cpu_memory(args, variants: list[Variant]) -> dict[str, dict]:
             }
             continue
         argv = [str(Path(__file__).resolve()), *forwarded_args(args), "--probe", v.name]
-        out[v.name] = benchlib.run_probe(argv)
+        try:
+            out[v.name] = benchlib.run_probe(argv)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:  # e.g. killed for memory: keep the timings
+            print(f"memory probe of {v.name} failed: {str(error)[-300:]}", flush=True)
+            out[v.name] = {"failed": str(error)[-1000:]}
     return out
 
 
@@ -274,6 +296,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--knot-every", type=int, default=2, help="COLA: a knot every this many steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation)")
     parser.add_argument("--memory", choices=("auto", "none"), default="auto")
+    parser.add_argument(
+        "--share-base",
+        action="store_true",
+        help="peft variants with the same weight dtype share one frozen base in memory (a large shape on a "
+        "small machine; same weights either way). CPU memory probes run one variant per process regardless",
+    )
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="CPU MFU: side of the square matmul timed as the peak (default 2048; 256 with --quick)",
+    )
     parser.add_argument("--probe", default=None, help=argparse_hidden())
     parser.add_argument("--probe-steps", type=int, default=2, help=argparse_hidden())
     args = parser.parse_args(argv)
@@ -311,7 +345,18 @@ def main(argv: list[str] | None = None) -> dict:
             runner.resident_bytes = torch.cuda.memory_allocated() - start
         runners[v.name] = runner
         print(f"built {v.name} (warm-up {runner.warmup_seconds:.1f} s)", flush=True)
+    del runner  # only ``runners`` holds the models, so that clearing it frees them before the memory probes
     graphs_after_warmup = perf.compiled_graph_count() if any(v.compile for v in variants) else None
+    # CPU MFU: the achievable matmul rate of each compute dtype, measured next to the steps (same threads, load)
+    size = args.matmul_size or (256 if args.quick else 2048)
+    peaks = (
+        {}
+        if cuda
+        else {
+            p: benchlib.MatmulPeak(p, args.device, size, seed=args.seed)
+            for p in dict.fromkeys(["fp32", "bf16", *(v.precision for v in variants)])
+        }
+    )
 
     def timed(runner: Runner):
         def run() -> None:
@@ -324,7 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
-    times = benchlib.interleaved({k: timed(r) for k, r in runners.items()}, args.reps, args.device, warmup=0)
+    times = benchlib.interleaved(
+        {k: timed(r) for k, r in runners.items()} | {f"matmul:{p}": m for p, m in peaks.items()},
+        args.reps,
+        args.device,
+        warmup=0,
+    )
     recompiles = (
         perf.compiled_graph_count() - graphs_after_warmup if graphs_after_warmup is not None else None
     )
@@ -338,14 +388,25 @@ def main(argv: list[str] | None = None) -> dict:
         for k, r in runners.items():
             memory[k] = {"peak_mib": (r.resident_bytes + max(r.transient_bytes)) / 2**20}
     runners.clear()  # free this process before the CPU memory probes run
-    gc.collect()
+    SHARED_BASES.clear()
+    benchlib.release_memory()
     if not cuda and args.memory == "auto":
         memory = {k: {"peak_mib": m.get("peak_rss_mib"), **m} for k, m in cpu_memory(args, variants).items()}
 
     tokens = args.batch_size * args.seq_len
     first = variants[0].name
     gpu = torch.cuda.get_device_name() if cuda else ""
-    peak_tflops = next((p for g, p in benchlib.PEAK_TFLOPS_BF16.items() if g in gpu), None)
+    if cuda:  # the datasheet's dense bf16 tensor-core peak, for every variant (as the issue's H100 figures)
+        datasheet = next((p for g, p in benchlib.PEAK_TFLOPS_BF16.items() if g in gpu), None)
+        peak_of = dict.fromkeys(PRECISIONS, datasheet) if datasheet else {}
+        peak_source = f"datasheet dense bf16 peak of the {gpu}" if datasheet else None
+    else:
+        peak_of = {p: m.tflops(benchlib.median(times[f"matmul:{p}"])) for p, m in peaks.items()}
+        peak_source = (
+            f"measured on this CPU in this process, not a datasheet figure: median of {args.reps} "
+            f"{size}x{size} torch.matmul timings per dtype, {torch.get_num_threads()} thread(s), "
+            "interleaved with the training steps"
+        )
     base_mem = memory.get(first, {}).get("peak_mib")
     rows, results = [], {}
     for v in variants:
@@ -353,12 +414,15 @@ def main(argv: list[str] | None = None) -> dict:
         same = v.same_settings_baseline
         mem = memory.get(v.name, {}).get("peak_mib")
         achieved = step_flops[v.name] / t / 1e12 if step_flops[v.name] else None
+        peak = peak_of.get(v.precision)
         result = {
             "seconds_per_step": times[v.name],
             "median_seconds": t,
             "tokens_per_s": tokens / t,
             "x_first": benchlib.median(times[first]) / t,
             "x_first_paired": benchlib.paired_ratio(times[first], times[v.name]),
+            # total time of all timed steps: includes the knots, which a median over steps can leave out
+            "x_first_all_steps": sum(times[first]) / sum(times[v.name]),
             "x_peft_same_settings": benchlib.median(times[same]) / t if same in times else None,
             "peak_mib": mem,
             "memory_x_first": mem / base_mem if mem and base_mem else None,
@@ -366,35 +430,50 @@ def main(argv: list[str] | None = None) -> dict:
             "flops_per_step": step_flops[v.name],
             "fp32_master_copies_mib": masters[v.name],
             "warmup_seconds": warmups[v.name],
+            # compilation ≈ the warm-up beyond its steps at the steady-state step time (not in the timed steps)
+            "compile_seconds": warmups[v.name] - args.warmup * t if v.compile else None,
             "achieved_tflops": achieved,
-            "mfu": achieved / peak_tflops if achieved and peak_tflops else None,
+            "mfu_peak_tflops": peak,
+            "mfu": achieved / peak if achieved and peak else None,
         }
         results[v.name] = result
         rows.append(
             [
                 v.name,
                 f"{tokens / t:,.0f}",
-                f"{result['x_first']:.2f} ({result['x_first_paired']:.2f})",
+                f"{result['x_first']:.2f} ({result['x_first_paired']:.2f}; {result['x_first_all_steps']:.2f})",
                 f"{result['x_peft_same_settings']:.2f}" if result["x_peft_same_settings"] else "–",
                 f"{mem:,.0f}" if mem else "–",
                 f"{result['memory_x_first']:.2f}" if result["memory_x_first"] else "–",
-                (f"{achieved:.2f}" if achieved else "–")
+                (f"{achieved:.3g}" if achieved else "–")
                 + (f" ({result['mfu']:.1%})" if result["mfu"] else ""),
             ]
         )
     headers = [
         "variant",
         "tokens/s",
-        f"× {first} (paired)",
+        f"× {first} (paired; all steps)",
         "× PEFT same settings",
         "peak MiB",
         f"memory × {first}",
     ]
-    headers.append("TFLOP/s (MFU)" if peak_tflops else "TFLOP/s")
+    headers.append(
+        ("TFLOP/s (MFU)" if cuda else "TFLOP/s (MFU vs measured matmul peak)") if peak_of else "TFLOP/s"
+    )
     print(
         f"\n### train_step: {name}, batch {args.batch_size}×{args.seq_len}, {args.device}, {args.reps} reps"
     )
     print(benchlib.markdown_table(headers, rows))
+    if peaks:
+        rates = ", ".join(f"{p} {peak_of[p]:.3g} TFLOP/s" for p in peaks)
+        print(f"\nMFU peak = dense matmul rate {peak_source}: {rates}. Model FLOPs: chainlora.recipes.flops.")
+    elif peak_source:
+        print(f"\nMFU peak = {peak_source}: {peak_of['bf16']:g} TFLOP/s")
+    for v in variants:
+        if v.compile:
+            print(
+                f"compile time of {v.name}: {results[v.name]['compile_seconds']:.1f} s (not in the timed steps)"
+            )
     if recompiles is not None:
         print(
             f"\ntorch.compile: {recompiles} recompilation(s) after warm-up, across {sum(knots.values())} knots"
@@ -412,6 +491,17 @@ def main(argv: list[str] | None = None) -> dict:
             "variants": results,
             "knots_total": knots,
             "recompiles_after_warmup": recompiles,
+            "mfu_peak_source": peak_source,
+            "matmul_peak": {
+                p: {
+                    "tflops": peak_of[p],
+                    "best_tflops": m.tflops(min(times[f"matmul:{p}"])),
+                    "size": m.size,
+                    "matmuls_per_call": m.repeats,
+                    "seconds_per_call": times[f"matmul:{p}"],
+                }
+                for p, m in peaks.items()
+            },
             "speed_defaults": perf.speed_defaults(args.device).__dict__,
         },
     )

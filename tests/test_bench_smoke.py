@@ -47,6 +47,9 @@ def test_train_step_quick(tmp_path):
     assert peft_run["x_first"] == 1.0 and cola["tokens_per_s"] > 0 and cola["flops_per_step"] > 0
     assert saved["knots_total"] == {"peft:fp32": 0, cola_name: saved["reps"] + 2}  # + 2 warm-up steps
     assert peft_run["fp32_master_copies_mib"] == 0 < cola["fp32_master_copies_mib"]
+    # CPU MFU is against the matmul rate measured in the same process, per compute dtype (no value asserted)
+    assert set(saved["matmul_peak"]) == {"fp32", "bf16"} and "measured" in saved["mfu_peak_source"]
+    assert cola["mfu_peak_tflops"] == saved["matmul_peak"]["bf16"]["tflops"] and cola["mfu"] > 0
     for variant in (peft_run, cola):  # the CPU memory probe ran in its own process
         assert variant["memory"]["peak_rss_mib"] >= variant["memory"]["resident_mib"] > 0
 
