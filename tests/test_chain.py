@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from chainlora import ChainSchedule, merge_chain, tie_knot
-from chainlora.chain import KnotError, lora_layers, reset_optimizer_state
+from chainlora.chain import KnotError, link_delta, link_delta_norm_sq, lora_layers, reset_optimizer_state
 from chainlora.errors import ConfigError
 from chainlora.testing import lora_on_qv as lora
 from chainlora.testing import perturb_links, tiny_causal_lm
@@ -181,6 +181,25 @@ def test_refused_knot_leaves_model_untouched(tokenizer):
         tie_knot(model)
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) or (state[k].isnan() == after[k].isnan()).all() for k in state)
+
+
+def test_knot_check_norm_equals_the_formed_delta_and_catches_fp32_overflow(tokenizer):
+    """The pre-merge check computes ‖s·B·A‖² (+ LoRA bias) from r×r Gram matrices instead of forming B·A."""
+    model = lora(tiny_causal_lm("opt", vocab_size=len(tokenizer)))  # OPT: LoRA bias on
+    perturb_links(model)
+    for _, layer, adapter in lora_layers(model):
+        delta, bias_delta = link_delta(layer, adapter)
+        formed = float(delta.double().square().sum() + bias_delta.double().square().sum())
+        assert link_delta_norm_sq(layer, adapter) == pytest.approx(formed, rel=1e-5)
+    # finite A and B whose product overflows fp32: refused before anything changes
+    _, layer, adapter = next(iter(lora_layers(model)))
+    with torch.no_grad():
+        layer.lora_A[adapter].weight.fill_(1e20)
+        layer.lora_B[adapter].weight.fill_(1e20)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KnotError, match="not finite"):
+        tie_knot(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_exploding_knot_is_refused(tokenizer):

@@ -115,6 +115,26 @@ def master_copy(weight: torch.Tensor) -> torch.Tensor:
     return weight.to("cpu", torch.float32, copy=True)
 
 
+@torch.no_grad()
+def link_delta_norm_sq(layer: LoraLinear, adapter: str) -> float:
+    """``‖s·B·A‖² + ‖s·b‖²`` without forming ``B·A``: ``‖B·A‖_F² = Σ (BᵀB) ∘ (A·Aᵀ)``, two r×r Gram matrices in
+    fp64 (O(r²·(in + out)) instead of O(r·in·out)). Non-finite A or B give a non-finite result. FSDP2 shards:
+    the norm of the local block of ``link_delta``, reduced over processes."""
+    if distributed.is_sharded(layer.get_base_layer().weight):
+        delta, bias_delta = link_delta(layer, adapter)
+        return distributed.item(delta.square().sum()) + (
+            distributed.item(bias_delta.square().sum()) if bias_delta is not None else 0.0
+        )
+    scaling = float(layer.scaling[adapter])
+    A, B = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.double()
+    norm_sq = float(((B.T @ B) * (A @ A.T)).sum()) * scaling**2
+    bias = layer.lora_B[adapter].bias
+    if bias is not None:
+        norm_sq += float(bias.double().square().sum()) * scaling**2
+    # an entry of s·B·A beyond the fp32 range (inf once merged) needs a norm beyond it too
+    return norm_sq if norm_sq < torch.finfo(torch.float32).max ** 2 else math.inf
+
+
 def _merge_into_base(layer: LoraLinear, delta: torch.Tensor, bias_delta: torch.Tensor | None) -> None:
     """``W ← W + delta`` in fp32. With an fp32 master copy (see ``precise``) the sum is kept exact in fp32 and
     only its rounding is written to a half-precision W, so repeated knots do not accumulate rounding error."""
@@ -231,13 +251,10 @@ def tie_knot(
                 )
     distributed.check_knot_supported(model, layers, rank)  # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed
 
-    # 1. check every delta before touching anything (two passes: a rank-r product is cheap, memory is not)
+    # 1. check every delta before touching anything (from r×r Gram matrices: B·A is formed once, to merge it)
     squared_norm = 0.0
     for name, layer, adapter in layers:
-        delta, bias_delta = link_delta(layer, adapter)
-        norm_sq = distributed.item(delta.square().sum()) + (  # item: reduced over shards (FSDP2)
-            distributed.item(bias_delta.square().sum()) if bias_delta is not None else 0.0
-        )
+        norm_sq = link_delta_norm_sq(layer, adapter)
         if not math.isfinite(norm_sq):
             raise KnotError(f"refusing knot: the update of {name} is not finite (model left unchanged)")
         if max_relative_delta is not None:
