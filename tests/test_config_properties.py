@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chainlora.cli import parse_config
@@ -66,6 +66,7 @@ def _check_error(err: ConfigError) -> None:
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs, st.dictionaries(st.integers(), scalars, max_size=1))
+@example(data={"chain": {"length": 2, "\n": []}}, junk_keys={})  # an unknown nested key holding a newline
 def test_any_yaml_mapping_is_a_valid_config_or_one_config_error(data, junk_keys):
     data = {**data, **junk_keys}  # YAML allows non-string keys
     try:

@@ -460,7 +460,9 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(fields)})")
+        key = unknown[0]
+        shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # one line, whatever the key
+        raise ConfigError(f"{prefix}{shown}: unknown field (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
         nested = _NESTED.get((cls, name))
