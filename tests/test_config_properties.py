@@ -99,6 +99,7 @@ texts = st.one_of(
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(options, texts), max_size=3))
+@example(pairs=[("--lora.alpha", "9" * 400)])  # an int beyond the float range
 def test_any_command_line_is_a_valid_config_or_one_config_error(pairs):
     argv = [part for option, text in pairs for part in (option, text)]
     try:

@@ -15,6 +15,7 @@ model, output dir) becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import re
@@ -57,10 +58,23 @@ def parse_config(cls: type[T], argv: Sequence[str], *, prog: str) -> T:
             _check_yaml_file(argv[i + 1])
     try:
         namespace = parser.parse_args(_bare_flags_true(cls, argv))
+    except OverflowError as err:  # an integer beyond the float range given to a float field
+        pairs = itertools.pairwise(argv)
+        option = next((a for a, v in pairs if a.startswith("--") and _overflows(v)), "--?")
+        raise ConfigError(f"{option[2:]}: {_one_line(err)}") from None
     except Exception as err:  # jsonargparse's ArgumentError, or a YAML/type error while reading --config
         raise ConfigError(_one_line(err)) from None
     values = _strip_meta(namespace.as_dict())
     return cls.from_dict(values) if hasattr(cls, "from_dict") else cls(**values)
+
+
+def _overflows(text: str) -> bool:
+    """An integer literal too large for a float."""
+    try:
+        float(int(text))
+    except (ValueError, OverflowError) as err:
+        return isinstance(err, OverflowError)
+    return False
 
 
 def _bool_options(cls: type, prefix: str = "--") -> set[str]:

@@ -44,11 +44,19 @@ def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
 def _number(
     name: str, value: Any, *, low: float = 0.0, high: float = math.inf, open_low: bool = False
 ) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
-        raise _fail(name, f"must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise _fail(name, f"must be a finite number, got {shown}")
     if value < low or (open_low and value == low) or value > high:
         bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
         raise _fail(name, f"must be {bound}, got {value!r}")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -461,7 +469,9 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         key = unknown[0]
-        shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # one line, whatever the key
+        shown = (
+            key if isinstance(key, str) and key.isidentifier() else repr(key)
+        )  # one line, whatever the key
         raise ConfigError(f"{prefix}{shown}: unknown field (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
