@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -23,7 +25,8 @@ from chainlora.tasks import (
     score_candidates,
     score_candidates_naive,
 )
-from chainlora.testing import tiny_causal_lm, tiny_tokenizer
+from chainlora.tasks.scoring import length_batches
+from chainlora.testing import float64_copy, tiny_causal_lm, tiny_tokenizer
 
 
 def choice(prompt: str, continuations: list[str], gold: int = 0) -> Example:
@@ -47,6 +50,7 @@ SYNTHETIC = [
         "the capital of Fr", ["ance is Paris.", "ance was great."]
     ),  # BPE merges across the prompt boundary
     choice("It was", [" great", " terrible"], 1),
+    choice("Which mark ends it?\n", [".", "?", "!"], 1),  # every option one token: no candidate pass at all
 ]
 
 
@@ -85,6 +89,61 @@ def test_fast_scoring_equals_naive(tiny_model, tokenizer):
         assert_scores_close(score_candidates(tiny_model, tokenizer, SYNTHETIC, batch_size=batch_size), naive)
 
 
+def test_synthetic_examples_cover_every_kind_of_option(tokenizer):
+    kinds = [set(item.option_lengths) for item in encode_examples(SYNTHETIC, tokenizer)]
+    assert {1} in kinds  # single-token options only (the prefix pass scores them all)
+    assert any(min(lengths) > 1 for lengths in kinds)  # multi-token options only
+    assert any(1 in lengths and len(lengths) > 1 for lengths in kinds)  # one- and multi-token mixed
+    assert any(len(lengths) >= 3 for lengths in kinds)  # three or more different lengths in one example
+
+
+@pytest.mark.parametrize("forward_cost", [0.0, 16.0, math.inf])
+def test_fast_scoring_equals_naive_in_float64(tiny_model, tokenizer, forward_cost):
+    """Exactness beyond fp32 round-off: in float64 both paths agree to 1e-9, whatever the batching, while
+    scoring an option after a different context (what a wrong position, mask or cache row amounts to) moves
+    its score by more than 1e-5 on these models."""
+    model = float64_copy(tiny_model)
+    naive = score_candidates_naive(model, tokenizer, SYNTHETIC)
+    for batch_size in (1, 2, 3, 8):
+        fast = score_candidates(model, tokenizer, SYNTHETIC, batch_size=batch_size, forward_cost=forward_cost)
+        assert_scores_close(fast, naive, tolerance=1e-9)
+    truncated = score_candidates(
+        model, tokenizer, SYNTHETIC, batch_size=3, max_length=9, forward_cost=forward_cost
+    )
+    assert_scores_close(truncated, score_candidates_naive(model, tokenizer, SYNTHETIC, max_length=9), 1e-9)
+    shifted = [choice("X " + e.prompt, [c[len(e.prompt) :] for c in e.candidates]) for e in SYNTHETIC]
+    moved = score_candidates_naive(model, tokenizer, shifted)
+    assert (
+        min(abs(a - b) for xs, ys in zip(moved, naive, strict=True) for a, b in zip(xs, ys, strict=True))
+        > 1e-5
+    )
+
+
+def padded_cost(batches, lengths, forward_cost):
+    return sum(forward_cost + len(batch) * lengths[batch[0]] for batch in batches)
+
+
+def test_prefix_batches_trade_padding_against_forwards():
+    lengths = [300, 290, 200, 190, 185, 50, 50, 50, 50, 49]
+    runs = [list(batch) for batch in length_batches(lengths, 8, math.inf)]
+    assert runs == [list(range(8)), [8, 9]]  # unmeasured device: full consecutive batches
+    assert [list(b) for b in length_batches(lengths, 8, 0.0)] == [[0], [1], [2], [3], [4], [5, 6, 7, 8], [9]]
+    assert len(length_batches(lengths, 8, 1000.0)) == 2  # padding is cheap next to a forward: fewest batches
+    assert length_batches([], 8, 48.0) == []
+    # Optimal among all consecutive cuts into batches of at most 3 (brute force).
+    for forward_cost in (0.0, 5.0, 48.0, 200.0):
+        batches = [list(b) for b in length_batches(lengths, 3, forward_cost)]
+        assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+        assert all(1 <= len(batch) <= 3 for batch in batches)
+        best = math.inf
+        for mask in range(2 ** (len(lengths) - 1)):
+            cuts = [0, *(k + 1 for k in range(len(lengths) - 1) if mask >> k & 1), len(lengths)]
+            other = [list(range(a, b)) for a, b in itertools.pairwise(cuts)]
+            if all(len(batch) <= 3 for batch in other):
+                best = min(best, padded_cost(other, lengths, forward_cost))
+        assert padded_cost(batches, lengths, forward_cost) == best
+
+
 def test_fast_scoring_equals_naive_when_truncated(tiny_model, tokenizer):
     fast = score_candidates(tiny_model, tokenizer, SYNTHETIC, batch_size=3, max_length=9)
     assert_scores_close(fast, score_candidates_naive(tiny_model, tokenizer, SYNTHETIC, max_length=9))
@@ -111,6 +170,12 @@ def test_candidates_without_a_shared_token_fall_back_to_naive(tiny_model):
     assert_scores_close(
         score_candidates(tiny_model, no_bos, examples, batch_size=2),
         score_candidates_naive(tiny_model, no_bos, examples),
+    )
+    model = float64_copy(tiny_model)
+    assert_scores_close(
+        score_candidates(model, no_bos, examples, batch_size=2),
+        score_candidates_naive(model, no_bos, examples),
+        tolerance=1e-9,
     )
 
 

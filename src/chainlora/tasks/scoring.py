@@ -5,19 +5,21 @@ fraction of the cost:
 
 1. The candidates of an example share a token prefix (at least the prompt, up to where BPE merges across the
    prompt boundary, and up to where their encodings first differ). That prefix is run **once** per example,
-   batched across length-sorted examples with left padding, and its key/value cache is kept.
+   batched across length-sorted examples with left padding (batches cut where the padding would cost more than
+   another forward: ``length_batches``), and its key/value cache is kept when a candidate needs it.
 2. Each candidate's remaining tokens are run on a copy of the cache selected for it (left-padded, explicit
    position ids), in chunks of ``batch_size`` rows. A candidate whose option is a single token right after
    the shared prefix (every Yes/No verbalizer) needs no second pass at all.
 
 Every option token is scored from exactly the context the naive pass gives it, so both agree to float
-round-off (tested ≤ 1e-5 in fp32). An example whose candidates share no token (no BOS, different first tokens)
-falls back to the naive pass.
+round-off (tested ≤ 1e-5 in fp32 and ≤ 1e-9 in fp64, where neither path rounds the logits to fp32). An example
+whose candidates share no token (no BOS, different first tokens) falls back to the naive pass.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,11 @@ from chainlora.tasks.encoding import (
     newline_token_id,
 )
 from chainlora.tasks.metrics import accuracy, exact_match, squad_f1
+
+FORWARD_COST = {"cpu": 48.0}
+"""Fixed cost of one forward in tokens' worth of work, per device type: splits prefix batches whose padding costs
+more (``score_candidates``). CPU: a small batch streams every weight once (SmolLM2-135M, 1 thread: a forward of
+8 tokens costs as much as ~50 tokens of a long one); elsewhere not measured, so batches stay full."""
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -58,6 +65,11 @@ def left_pad(
         **kwargs,
     )
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in at least fp32 (bf16/fp16 are upcast, fp32 is returned as is, fp64 stays fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
@@ -91,7 +103,7 @@ def _naive_scores(model: PreTrainedModel, encoded: EncodedExample) -> list[float
     scores = []
     for sequence, option_length in zip(encoded.sequences, encoded.option_lengths, strict=True):
         input_ids = torch.tensor([sequence], device=device)
-        logits = model(input_ids=input_ids).logits[0, :-1].float()
+        logits = upcast(model(input_ids=input_ids).logits[0, :-1])
         token_log_probs = logits.log_softmax(-1).gather(-1, input_ids[0, 1:, None])[:, 0]
         scores.append(token_log_probs[-option_length:].mean().item())
     return scores
@@ -108,13 +120,19 @@ def score_candidates(
     *,
     batch_size: int = 8,
     max_length: int = DEFAULT_MAX_LENGTH,
+    forward_cost: float | None = None,
 ) -> list[list[float]]:
     """Mean log-prob of each candidate's option tokens (the harness's score), fast (see the module docstring).
 
     ``batch_size`` bounds both the examples whose prefixes run together and the candidate rows per forward.
+    Prefix batches are runs of length-sorted examples cut where the pad tokens saved outweigh one more forward
+    of fixed cost ``forward_cost`` tokens (``length_batches``); None: ``FORWARD_COST`` of the model's device
+    (infinite, i.e. always full batches, where it has not been measured).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if forward_cost is not None and not forward_cost >= 0:
+        raise ValueError(f"forward_cost must be >= 0, got {forward_cost}")
     encoded = encode_examples(examples, tokenizer, max_length=max_length)
     plans = [_PrefixPlan.of(item) for item in encoded]
     scores: list[list[float]] = [[] for _ in encoded]
@@ -122,15 +140,40 @@ def score_candidates(
         if plan.prefix_length == 0:
             scores[i] = _naive_scores(model, encoded[i])
     shared = sorted(
-        (i for i, plan in enumerate(plans) if plan.prefix_length > 0), key=lambda i: -plans[i].longest
+        (i for i, plan in enumerate(plans) if plan.prefix_length > 0), key=lambda i: -plans[i].prefix_length
     )
-    for start in range(0, len(shared), batch_size):
-        chosen = shared[start : start + batch_size]
+    if forward_cost is None:
+        forward_cost = FORWARD_COST.get(model_device(model).type, math.inf)
+    lengths = [plans[i].prefix_length for i in shared]
+    for positions in length_batches(lengths, batch_size, forward_cost):
+        chosen = [shared[k] for k in positions]
         for i, result in zip(
             chosen, _score_batch(model, tokenizer, [plans[i] for i in chosen], batch_size), strict=True
         ):
             scores[i] = result
     return scores
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, forward_cost: float) -> list[range]:
+    """Cut positions ``0..n-1`` of ``lengths`` (sorted longest first) into consecutive batches of at most
+    ``batch_size``, minimising ``Σ forward_cost + rows × longest``: the padded tokens of every left-padded
+    forward plus a fixed cost per forward, in tokens (dynamic programming, O(n × batch_size)). With an infinite
+    ``forward_cost`` the batches are simply the consecutive ``batch_size``-runs."""
+    n = len(lengths)
+    if math.isinf(forward_cost):
+        return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest cover of the first j
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - batch_size), j):  # batch i..j-1, padded to lengths[i]
+            cost = best[i] + forward_cost + (j - i) * lengths[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches = []
+    while n > 0:
+        batches.append(range(cut[n], n))
+        n = cut[n]
+    return batches[::-1]
 
 
 class _PrefixPlan:
@@ -182,13 +225,18 @@ def _score_batch(
     prefix = left_pad(tokenizer, [plan.encoded.sequences[0][: plan.prefix_length] for plan in plans])
     prefix = {key: value.to(device) for key, value in prefix.items()}
     kept = max(plan.prefix_positions_needed() for plan in plans)
+    # Candidates with option tokens past the prefix, longest rest first (less padding in their chunks).
+    pending = sorted(
+        ((b, c) for b, plan in enumerate(plans) for c, rest in enumerate(plan.from_rest) if rest > 0),
+        key=lambda bc: plans[bc[0]].prefix_length - len(plans[bc[0]].encoded.sequences[bc[1]]),
+    )
     out = model(
         **prefix,
         position_ids=position_ids_from_mask(prefix["attention_mask"]),
-        use_cache=True,
+        use_cache=bool(pending),  # no cache to build when every option token is predicted by the prefix
         logits_to_keep=kept,
     )
-    prefix_log_probs = out.logits.float().log_softmax(-1)  # (B, kept, V): last `kept` prefix positions
+    prefix_log_probs = upcast(out.logits).log_softmax(-1)  # (B, kept, V): last `kept` prefix positions
     cache = out.past_key_values
 
     sums = [[0.0] * len(plan.encoded.sequences) for plan in plans]
@@ -210,7 +258,6 @@ def _score_batch(
             sums[b][c] += value
 
     # Candidates with option tokens past the prefix: run their own tokens (all but the last) on the cache.
-    pending = [(b, c) for b, plan in enumerate(plans) for c, rest in enumerate(plan.from_rest) if rest > 0]
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         inputs = [plans[b].encoded.sequences[c][plans[b].prefix_length : -1] for b, c in chunk]
@@ -236,7 +283,7 @@ def _score_batch(
             targets[row, wanted - count :] = torch.tensor(sequence[len(sequence) - count :])
             is_option[row, wanted - count :] = True
         targets, is_option = targets.to(device), is_option.to(device)
-        log_probs = out.logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        log_probs = upcast(out.logits).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         totals = torch.where(is_option, log_probs, 0.0).sum(-1).tolist()
         for (b, c), total in zip(chunk, totals, strict=True):
             sums[b][c] += total

@@ -3,6 +3,7 @@
 from chainlora.testing.tiny import (
     TINY_CORPUS,
     TokenDataset,
+    float64_copy,
     lora_on_qv,
     perturb_links,
     tiny_causal_lm,
@@ -14,6 +15,7 @@ from chainlora.testing.tiny import (
 __all__ = [
     "TINY_CORPUS",
     "TokenDataset",
+    "float64_copy",
     "lora_on_qv",
     "perturb_links",
     "tiny_causal_lm",

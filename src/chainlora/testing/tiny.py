@@ -5,6 +5,8 @@ Everything here builds offline in about a second, so unit tests never need a dow
 
 from __future__ import annotations
 
+import copy
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -179,3 +181,20 @@ def tiny_chain_trainer(
     )
     callback = ChainOfLoRACallback(schedule)
     return Trainer(model=model, args=args, train_dataset=TokenDataset(vocab), callbacks=[callback]), callback
+
+
+def _rms_norm_float64(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` that computes in float64 throughout: the exact reference two scoring paths are checked
+    against. transformers' Llama-family RMSNorm computes in fp32 whatever its input (``.to(torch.float32)``), so
+    a plain ``.double()`` copy still rounds every norm to fp32; those norms get a float64 forward here. (RoPE
+    tables stay fp32-computed: a function of the position alone, the same for every path.)"""
+    model64 = copy.deepcopy(model).double()
+    for module in model64.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_float64, module)
+    return model64
