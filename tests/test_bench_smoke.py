@@ -77,7 +77,9 @@ def test_eval_scoring_quick_scores_identical(tmp_path, shared_data):
     saved = run_bench("eval_scoring", tmp_path, "--tasks", "sst2,copa")
     for result in saved["tasks"].values():
         assert result["max_abs_diff"] <= 1e-5 and result["identical_within_tolerance"]
-        assert result["fp64_examples"] == 2 and result["fast64_vs_naive64"] <= 1e-9  # same method, not just close
+        assert (
+            result["fp64_examples"] == 2 and result["fast64_vs_naive64"] <= 1e-9
+        )  # same method, not just close
         assert result["weight_macs_ratio"] > 1  # the fast path does less work
 
 
