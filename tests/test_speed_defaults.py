@@ -4,11 +4,13 @@
 * ``group_by_length``: batches of similar length, in an order that is a pure function of (seed, epoch);
 * ``precision: auto`` / ``base_dtype: auto``: bf16 autocast on a bf16 base where the device has bf16 matmuls,
   LoRA parameters in fp32, knots exact through fp32 master copies kept on the CPU;
-* AdamW fused where torch has the kernel.
+* AdamW fused where torch has the kernel;
+* ``compile``: on CUDA by default; a compiled graph survives a knot without recompiling.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from chainlora.recipes.config import TrainConfig
 from chainlora.recipes.train import resolve_speed, train
 from chainlora.tasks.training import EpochSeededLengthGroupedSampler
 from chainlora.testing import tiny_model_dir
+
+train_module = importlib.import_module("chainlora.recipes.train")  # the module (the package exports `train`)
 
 # SST-2's verbalizers as single tokens (as in a real vocabulary), so the task has a shared-prompt view
 VERBALIZER_TOKENS = [" great", " terrible"]
@@ -59,6 +63,11 @@ def test_auto_settings_follow_the_device():
     assert (full.precision, full.base_dtype) == (defaults.precision, "fp32")  # trained weights stay fp32
     assert resolve_speed(TrainConfig(method="lora", precision="fp32")).base_dtype == "fp32"
     assert resolve_speed(TrainConfig(method="lora", optimizer="sgd")).optim == "sgd"
+    assert cola.compiled == defaults.torch_compile  # CUDA only
+    assert (
+        resolve_speed(TrainConfig(compile="on")).compiled
+        and not resolve_speed(TrainConfig(compile="off")).compiled
+    )
     defaults_of_the_cli = TrainConfig()
     assert defaults_of_the_cli.group_by_length and defaults_of_the_cli.shared_prompt
     assert (defaults_of_the_cli.precision, defaults_of_the_cli.base_dtype) == ("auto", "auto")
@@ -113,6 +122,7 @@ def test_bf16_defaults_keep_lora_fp32_and_knots_exact_through_cpu_masters(
         "precision": "bf16",
         "base_dtype": "bf16",
         "optim": perf.speed_defaults("cpu").optim,
+        "compiled": False,
         "batching": "shared_prompt",
         "group_by_length": True,
     }
@@ -168,3 +178,41 @@ def test_length_grouped_order_is_a_pure_function_of_seed_and_epoch():
 
     shuffled = torch.randperm(97, generator=torch.Generator().manual_seed(0)).tolist()
     assert padding(first) < padding(shuffled) / 2
+
+
+def test_compiled_training_survives_the_knot_without_recompiling(
+    sst2_model_dir, shared_data, tmp_path, monkeypatch
+):
+    """``--compile on``: a knot re-initialises the links in place, so a COLA run compiles exactly the graphs of
+    the LoRA run with the same data (a recompile at the knot would add one) and trains like the eager run.
+    Dynamo's ``eager`` backend traces and guards like inductor without generating code (seconds, not minutes)."""
+    import torch._dynamo
+
+    make_args = train_module._training_args
+
+    def traced_only(*args, **kwargs):
+        training_args = make_args(*args, **kwargs)
+        training_args.torch_compile_backend = "eager"
+        return training_args
+
+    monkeypatch.setattr(train_module, "_training_args", traced_only)
+    common = ["--precision", "fp32", "--lr", "1e-2"]
+    graphs, metrics = {}, {}
+    for name, method in [
+        ("lora", ["--method", "lora"]),
+        ("cola", ["--method", "cola", "--chain.length", "2"]),
+    ]:
+        torch._dynamo.reset()
+        before = perf.compiled_graph_count()
+        metrics[name] = run(sst2_model_dir, shared_data, tmp_path / name, *method, *common, "--compile", "on")
+        graphs[name] = perf.compiled_graph_count() - before
+        assert metrics[name]["speed"]["compiled"]
+    assert len(metrics["cola"]["knots"]) == 1
+    assert graphs["lora"] > 0 and graphs["cola"] == graphs["lora"]
+    torch._dynamo.reset()
+    eager = run(
+        sst2_model_dir, shared_data, tmp_path / "eager", "--method", "cola", "--chain.length", "2", *common
+    )
+    assert not eager["speed"]["compiled"]  # auto: off on the CPU
+    for mine, theirs in zip(metrics["cola"]["train_loss"], eager["train_loss"], strict=True):
+        assert mine[1] == pytest.approx(theirs[1], abs=1e-5)

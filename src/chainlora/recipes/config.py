@@ -21,6 +21,7 @@ Optimizer = Literal["adamw", "sgd", "adagrad"]
 LRSchedule = Literal["linear", "jagged", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+CompileMode = Literal["auto", "on", "off"]
 Selection = Literal["dev_loss", "dev_score", "last"]
 LoRAInit = Literal["gaussian", "kaiming"]
 NonFinite = Literal["skip", "halt"]
@@ -264,6 +265,10 @@ class TrainConfig:
     """Dtype of the frozen base weights (lora/cola). auto = the autocast dtype: a bf16 base under bf16 autocast
     (no weight cast every step, half the weight memory); knots and the final merge stay exact through fp32
     master copies of the targeted weights, kept on the CPU. Full fine-tuning always keeps fp32 weights."""
+    compile: CompileMode = "auto"
+    """torch.compile the model: on, off, or auto = on where it pays (CUDA: chainlora.perf.speed_defaults), off on
+    the CPU, where compiling takes over a minute and is repaid only after ~300 steps (BENCHMARKS.md §1). A knot
+    re-initialises the links in place, so the compiled graph survives it; a rank change compiles once more."""
     group_by_length: bool = True
     """Batch examples of similar token length together (HF's length grouping, seeded per epoch by
     train_seed) instead of random batches padded to their longest row (BENCHMARKS.md §3)."""
@@ -343,6 +348,7 @@ class TrainConfig:
         _positive_int("eval_batch_size", self.eval_batch_size)
         _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("base_dtype", self.base_dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("compile", self.compile, ("auto", "on", "off"))
         for name in ("group_by_length", "shared_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}")

@@ -167,12 +167,13 @@ def setup(config: TrainConfig) -> Run:
             train_set, dev_set, collator = train_view, dev_view, SharedPromptCollator(tokenizer)
             speed = dataclasses.replace(speed, batching="shared_prompt")
     logger.info(
-        "speed: %s autocast, %s base, %s, %s batches%s",
+        "speed: %s autocast, %s base, %s, %s batches%s%s",
         speed.precision,
         speed.base_dtype,
         speed.optim,
         speed.batching,
         ", length-grouped" if config.group_by_length else "",
+        ", compiled" if speed.compiled else "",
     )
     steps_per_epoch = _steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -336,12 +337,13 @@ class Speed:
     precision: str  # autocast dtype: fp32, bf16 or fp16
     base_dtype: str  # dtype of the frozen base weights (fp32 for full fine-tuning)
     optim: str  # TrainingArguments.optim
+    compiled: bool = False  # torch.compile of the model (TrainingArguments.torch_compile)
     batching: str = "rows"  # "rows" (one per candidate, the harness) or "shared_prompt" (one per example)
 
 
 def resolve_speed(config: TrainConfig) -> Speed:
-    """``precision``/``base_dtype`` ``auto`` → ``chainlora.perf.speed_defaults`` of the training device; AdamW
-    fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
+    """``precision``/``base_dtype``/``compile`` ``auto`` → ``chainlora.perf.speed_defaults`` of the training
+    device; AdamW fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     defaults = perf.speed_defaults(device)
     precision = defaults.precision if config.precision == "auto" else config.precision
@@ -354,7 +356,8 @@ def resolve_speed(config: TrainConfig) -> Speed:
     optim = OPTIMIZERS[config.optimizer]
     if config.optimizer == "adamw" and defaults.optim == "adamw_torch_fused":
         optim = "adamw_torch_fused"
-    return Speed(precision=precision, base_dtype=base_dtype, optim=optim)
+    compiled = defaults.torch_compile if config.compile == "auto" else config.compile == "on"
+    return Speed(precision=precision, base_dtype=base_dtype, optim=optim, compiled=compiled)
 
 
 def _training_args(config: TrainConfig, run_dir: Path, speed: Speed) -> TrainingArguments:
@@ -379,6 +382,7 @@ def _training_args(config: TrainConfig, run_dir: Path, speed: Speed) -> Training
         "data_seed": config.train_seed,
         "bf16": speed.precision == "bf16",
         "fp16": speed.precision == "fp16",
+        "torch_compile": speed.compiled,
         "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
