@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=None,
         help="fast path: fixed cost of a forward in tokens, for cutting prefix batches (default: "
-        "tasks.scoring.FORWARD_COST of the device; inf: full batches)",
+        "tasks.scoring.default_forward_cost of the device; inf: full batches)",
     )
     parser.add_argument(
         "--fp64-examples", type=int, default=None, help="examples also scored in fp64 by both paths (0: none)"
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = benchlib.load_model(name, args.device, layers=args.layers, seed=args.seed)
     model.eval()
     if args.forward_cost is None:
-        args.forward_cost = tasks.scoring.FORWARD_COST.get(torch.device(args.device).type, math.inf)
+        args.forward_cost = tasks.scoring.default_forward_cost(args.device)
     cached: list[torch.nn.Module] = []
 
     def model64() -> torch.nn.Module:

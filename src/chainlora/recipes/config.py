@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ CompileMode = Literal["auto", "on", "off"]
 Selection = Literal["dev_loss", "dev_score", "last"]
 LoRAInit = Literal["gaussian", "kaiming"]
 NonFinite = Literal["skip", "halt"]
+EvalSplit = Literal["test", "dev"]
 
 # Paper defaults (REFERENCE.md): LoRA/COLA and full fine-tuning search different LR grids; these are the
 # middle of each grid, used when ``lr`` is not given.
@@ -60,7 +62,9 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _choice(name: str, value: Any, allowed: Any) -> None:
+    """``value`` must be one of the strings of the ``Literal`` type ``allowed`` (the field's annotation)."""
+    choices = typing.get_args(allowed)
     if value not in choices:
         raise _fail(name, f"must be one of {', '.join(choices)}, got {value!r}")
 
@@ -105,7 +109,7 @@ class LoRASettings:
             self.target_modules = list(self.target_modules)
         if self.bias is not None and not isinstance(self.bias, bool):
             raise _fail("lora.bias", f"must be true, false or null, got {self.bias!r}")
-        _choice("lora.init", self.init, ("gaussian", "kaiming"))
+        _choice("lora.init", self.init, LoRAInit)
 
 
 @dataclass
@@ -316,7 +320,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise _fail(name, f"must be a non-empty string, got {value!r}")
-        _choice("method", self.method, ("lora", "cola", "full"))
+        _choice("method", self.method, Method)
         _positive_int("seed", self.seed, allow_zero=True)
         _positive_int("train_seed", self.train_seed, allow_zero=True)
         _positive_int("num_train", self.num_train)
@@ -326,17 +330,17 @@ class TrainConfig:
         _positive_int("max_length", self.max_length)
         if self.max_length < 8:
             raise _fail("max_length", f"must be at least 8 tokens, got {self.max_length}")
-        _choice("optimizer", self.optimizer, ("adamw", "sgd", "adagrad"))
+        _choice("optimizer", self.optimizer, Optimizer)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
         _number("lr", self.lr, open_low=True)
         _number("weight_decay", self.weight_decay)
-        _choice("lr_schedule", self.lr_schedule, ("linear", "jagged", "constant"))
+        _choice("lr_schedule", self.lr_schedule, LRSchedule)
         _number("warmup", self.warmup)
         if self.warmup >= 1 and not float(self.warmup).is_integer():
             raise _fail("warmup", f"a number of steps must be whole, got {self.warmup!r}")
         _number("max_grad_norm", self.max_grad_norm)
-        _choice("nonfinite", self.nonfinite, ("skip", "halt"))
+        _choice("nonfinite", self.nonfinite, NonFinite)
         _positive_int("max_nonfinite_skips", self.max_nonfinite_skips, allow_zero=True)
         _positive_int("epochs", self.epochs)
         if self.max_steps is not None:
@@ -346,13 +350,13 @@ class TrainConfig:
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
         _positive_int("eval_batch_size", self.eval_batch_size)
-        _choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("base_dtype", self.base_dtype, ("auto", "fp32", "bf16", "fp16"))
-        _choice("compile", self.compile, ("auto", "on", "off"))
+        _choice("precision", self.precision, TrainPrecision)
+        _choice("base_dtype", self.base_dtype, TrainPrecision)
+        _choice("compile", self.compile, CompileMode)
         for name in ("group_by_length", "shared_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}")
-        _choice("selection", self.selection, ("dev_loss", "dev_score", "last"))
+        _choice("selection", self.selection, Selection)
         if self.num_dev == 0 and self.selection != "last":
             raise _fail("selection", f"{self.selection!r} needs a dev set, but num_dev is 0: use 'last'")
         if self.save_steps is not None:
@@ -436,7 +440,7 @@ class EvalConfig:
     """Sampling seed: which validation rows form the test set (same draw as `chainlora train`)."""
     num_eval: int = 1000
     """Test examples drawn from the validation split."""
-    split: Literal["test", "dev"] = "test"
+    split: EvalSplit = "test"
     """Score the test set, or the dev set of the same draw (needs num_train/num_dev as in training)."""
     num_train: int = 1000
     """With split dev: the num_train of the training run (dev is drawn after train)."""
@@ -446,7 +450,7 @@ class EvalConfig:
     """Longest encoded example in tokens (left truncation keeping BOS)."""
     batch_size: int = 8
     """Examples per scoring batch."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     """Weights dtype for scoring."""
     output: str | None = None
     """Also write the result as JSON to this file."""
@@ -458,13 +462,13 @@ class EvalConfig:
                 raise _fail(name, f"must be a non-empty string, got {value!r}")
         _positive_int("seed", self.seed, allow_zero=True)
         _positive_int("num_eval", self.num_eval)
-        _choice("split", self.split, ("test", "dev"))
+        _choice("split", self.split, EvalSplit)
         _positive_int("num_train", self.num_train, allow_zero=True)
         if self.num_dev is not None:
             _positive_int("num_dev", self.num_dev, allow_zero=True)
         _positive_int("max_length", self.max_length)
         _positive_int("batch_size", self.batch_size)
-        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("precision", self.precision, Precision)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -45,6 +45,11 @@ more (``score_candidates``). CPU: a small batch streams every weight once (SmolL
 8 tokens costs as much as ~50 tokens of a long one); elsewhere not measured, so batches stay full."""
 
 
+def default_forward_cost(device: str | torch.device) -> float:
+    """``FORWARD_COST`` of ``device``'s type; infinite (full prefix batches) where it was not measured."""
+    return FORWARD_COST.get(torch.device(device).type, math.inf)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -143,7 +148,7 @@ def score_candidates(
         (i for i, plan in enumerate(plans) if plan.prefix_length > 0), key=lambda i: -plans[i].prefix_length
     )
     if forward_cost is None:
-        forward_cost = FORWARD_COST.get(model_device(model).type, math.inf)
+        forward_cost = default_forward_cost(model_device(model))
     lengths = [plans[i].prefix_length for i in shared]
     for positions in length_batches(lengths, batch_size, forward_cost):
         chosen = [shared[k] for k in positions]
