@@ -54,3 +54,12 @@ def test_accuracy_counts_any_gold_candidate():
 def test_empty_golds_are_rejected():
     with pytest.raises(ValueError):
         squad_f1("x", [])
+
+
+def test_f1_against_a_no_answer_marker_is_exact_match_as_in_the_harness():
+    # token F1 would give partial credit ("no" overlaps); the harness scores EM against the marker instead
+    assert squad_f1("no answer here", ["no answer", "x"]) == 0.0
+    assert squad_f1("No answer.", ["no answer"]) == 1.0
+    assert squad_f1("cannotanswer", ["CANNOTANSWER"]) == 1.0
+    assert squad_f1("x", ["CANNOTANSWER", "x"]) == 0.0  # only the first gold decides, as the harness
+    assert squad_f1("x y", ["x", "no answer"]) == pytest.approx(2 / 3)  # marker not first: plain F1

@@ -569,3 +569,38 @@ def test_end_to_end_two_tiny_runs_through_the_real_cli(tmp_path, tiny_llama_dir,
     assert "| Method | sst2 |" in (tmp_path / "r.md").read_text()
     again = run_sweep(load_sweep_config(path), echo=lambda m: None)
     assert again.count("skipped") == 2 and again.count("done") == 0
+
+
+def test_cpu_runs_get_one_thread_each_by_default(tmp_path):
+    """On shared cores a 2-thread torch run beside another one is 5-15x slower: CPU workers get 1 thread."""
+    from chainlora.recipes.sweep import SweepOptions
+
+    for workers in (1, 2):
+        env = worker_env(0, SweepOptions(output_dir=str(tmp_path), workers=workers), {})
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    env = worker_env(0, SweepOptions(output_dir=str(tmp_path), threads_per_worker=3), {})
+    assert env["OMP_NUM_THREADS"] == "3"
+
+
+def test_time_left_is_predicted_per_cell_then_task_then_overall():
+    from chainlora.recipes.sweep import RunSpec, estimate_seconds_left, format_duration
+
+    def spec(task, method, seed, extras=()):
+        return RunSpec(
+            f"{task}/{method}/s{seed}", f"{task}/{method}", task, method, None, None, None, 1e-3, seed, extras
+        )
+
+    finished = {
+        "a": (spec("sst2", "lora", 0), 100.0),
+        "b": (spec("sst2", "lora", 1), 200.0),
+        "c": (spec("sst2", "cola", 0), 400.0),
+        "d": (spec("boolq", "lora", 0), 1000.0),
+    }
+    assert estimate_seconds_left([], finished, 1) == 0.0
+    assert estimate_seconds_left([spec("sst2", "lora", 2)], {}, 1) is None
+    # same cell: mean 150; same task, other cell: cell sst2/full unseen -> task sst2 mean (100+200+400)/3
+    left = [spec("sst2", "lora", 2), spec("sst2", "full", 0), spec("copa", "lora", 0)]
+    expected = 150.0 + 700.0 / 3 + (100 + 200 + 400 + 1000) / 4
+    assert estimate_seconds_left(left, finished, 1) == pytest.approx(expected)
+    assert estimate_seconds_left(left, finished, 2) == pytest.approx(expected / 2)
+    assert [format_duration(s) for s in (40, 600, 3 * 3600 + 5 * 60)] == ["40 s", "10m", "3h 05m"]

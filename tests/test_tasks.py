@@ -85,15 +85,29 @@ def test_boolq_strips_the_title_and_fixes_the_question(shared_data):
     passage = row["passage"].removeprefix("Persian language -- ")
     assert passage.startswith("Persian (/ˈpɜːrʒən")
     assert example.prompt == passage + " Do iran and afghanistan speak the same language?\n"
-    assert example.candidates == (example.prompt + "No", example.prompt + "Yes")
-    assert example.gold == 1  # label 1 (True) -> "Yes"
+    assert example.candidates == (example.prompt + "Yes", example.prompt + "No")  # the harness's order
+    assert example.gold == 0  # label 1 (True) -> "Yes", the first candidate
 
 
 def test_boolq_in_hf_boolq_layout_keeps_the_passage_whole():
     row = {"question": "is it true?", "passage": "A -- B", "answer": False}
     example = get_task("boolq").example(row)
     assert example.prompt == "A -- B Is it true?\n"
-    assert example.gold == 0
+    assert example.gold == 1  # False -> "No", the second candidate
+
+
+def test_boolq_tie_goes_to_yes_as_in_the_harness(monkeypatch):
+    """The harness takes argmax over (Yes, No): equal scores predict "Yes" (True), and so does chainlora."""
+    import torch
+
+    from chainlora.tasks import scoring
+
+    task = get_task("boolq")
+    examples = [task.example({"question": "q", "passage": "p", "answer": a}) for a in (True, False)]
+    monkeypatch.setattr(scoring, "score_candidates", lambda *a, **k: [[-1.0, -1.0], [-1.0, -1.0]])
+    result = scoring.evaluate(torch.nn.Linear(1, 1), None, task, examples)
+    assert result["predictions"] == [0, 0]  # "Yes" both times
+    assert result["accuracy"] == 0.5  # right for the True question only
 
 
 def test_multirc_renders_one_answer_row(shared_data):

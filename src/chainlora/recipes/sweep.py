@@ -98,7 +98,9 @@ class SweepOptions:
     output_dir: str = "runs/sweep"  # root of the run folders, plan, state and logs
     workers: int = 1  # runs at once (subprocesses)
     devices: list[str] | None = None  # GPU ids; worker i gets CUDA_VISIBLE_DEVICES=devices[i % len]
-    threads_per_worker: int | None = None  # CPU threads per run (default: usable cores // workers)
+    # CPU threads per run. Default: 1 for CPU runs (on shared cores a 2-thread torch job beside another one
+    # waits on OpenMP barriers and runs 5-15x slower), usable cores // workers for GPU runs (``devices``)
+    threads_per_worker: int | None = None
     resume: ResumeMode = "auto"  # "auto": continue an unfinished run from its checkpoint; "restart": clear it
     resume_args: list[str] = field(default_factory=lambda: ["--resume", "{run_dir}"])  # how train resumes
     run_timeout_s: float | None = None  # kill a run after this long (recorded as failed)
@@ -496,6 +498,45 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / RUN_CONFIG_FILE).is_file()
 
 
+def finished_seconds(run_dir: str | Path) -> float | None:
+    """Wall seconds a finished run took (``session_seconds`` of its ``metrics.json``; the last session only for
+    a resumed run), or None."""
+    try:
+        value = json.loads((Path(run_dir) / METRICS_FILE).read_text()).get("session_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def estimate_seconds_left(
+    left: Sequence[RunSpec], finished: Mapping[str, tuple[RunSpec, float]], workers: int
+) -> float | None:
+    """Seconds until the runs in ``left`` are done on ``workers`` workers, from the runs already finished:
+    each run is predicted by the mean time of finished runs of its cell (every axis but LR and seed), else of
+    its task with the same extra axes, else of its task, else of all. None before any run has finished."""
+    if not finished:
+        return None
+    by_key: dict[tuple[Any, ...], list[float]] = {}
+    for spec, seconds in finished.values():
+        for key in (("cell", spec.cell), ("task", spec.task, spec.extras), ("task", spec.task), ("all",)):
+            by_key.setdefault(key, []).append(seconds)
+    total = 0.0
+    for spec in left:
+        for key in (("cell", spec.cell), ("task", spec.task, spec.extras), ("task", spec.task), ("all",)):
+            if key in by_key:
+                total += sum(by_key[key]) / len(by_key[key])
+                break
+    return total / max(1, workers)
+
+
+def format_duration(seconds: float) -> str:
+    """``3h 05m``, ``12m``, ``40 s``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
 @dataclass
 class RunOutcome:
     """What happened to one run in this sweep invocation (stored in ``sweep_state.json``)."""
@@ -595,17 +636,18 @@ def usable_cpus() -> int:
 
 
 def worker_env(slot: int, options: SweepOptions, base_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a run on worker ``slot``: GPU pinning from ``devices``, CPU threads split evenly."""
+    """The environment of a run on worker ``slot``: GPU pinning from ``devices``; CPU threads
+    ``threads_per_worker``, by default one per CPU run (see :class:`SweepOptions`) and the usable cores split
+    evenly between GPU runs."""
     env = dict(os.environ if base_env is None else base_env)
     env.update(options.env)
     if options.devices:
         env["CUDA_VISIBLE_DEVICES"] = options.devices[slot % len(options.devices)]
     threads = options.threads_per_worker
-    if threads is None and options.workers > 1:
-        threads = max(1, usable_cpus() // options.workers)
-    if threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = str(threads)
+    if threads is None:
+        threads = max(1, usable_cpus() // options.workers) if options.devices else 1
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -838,6 +880,12 @@ class SweepRunner:
         pool = ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="sweep")
         futures: dict[Future[RunOutcome], RunSpec] = {}
         done_count = 0
+        durations = {
+            s.name: (s, seconds)
+            for s in self.specs
+            if s not in todo and (seconds := finished_seconds(self.run_dir(s))) is not None
+        }
+        left = {s.name: s for s in todo}
         try:
             for spec in todo:
                 futures[pool.submit(self._execute, spec, base_file)] = spec
@@ -857,8 +905,15 @@ class SweepRunner:
                     secs = f" in {outcome.seconds:.0f} s" if outcome.seconds is not None else ""
                     note = f" ({outcome.error})" if outcome.error else ""
                     resumed = " [resumed]" if outcome.resumed else ""
+                    if outcome.status != "pending":
+                        left.pop(spec.name, None)
+                    if outcome.status == "done" and outcome.seconds:
+                        durations[spec.name] = (spec, outcome.seconds)
+                    eta = estimate_seconds_left(list(left.values()), durations, self.options.workers)
+                    eta_note = f"; ~{format_duration(eta)} left" if eta is not None and left else ""
                     self.echo(
                         f"[{done_count}/{len(todo)}] {outcome.status:7s} {spec.name}{secs}{resumed}{note}"
+                        f"{eta_note}"
                     )
         except _Interrupted:
             self._stop.set()
@@ -965,7 +1020,7 @@ class SweepArgs:
     devices: str | None = None
     """Comma-separated GPU ids, e.g. 0,1: worker i gets CUDA_VISIBLE_DEVICES=devices[i % len]."""
     threads_per_worker: int | None = None
-    """CPU threads per run (default: usable cores // workers when workers > 1)."""
+    """CPU threads per run (default: 1 for CPU runs, usable cores // workers with --devices)."""
     resume: ResumeMode | None = None
     """auto: continue an unfinished run with `train --resume`; restart: clear it and start over."""
     run_timeout_s: float | None = None

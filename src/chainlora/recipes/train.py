@@ -61,6 +61,7 @@ from chainlora.errors import ChainLoRAError, ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import TEMP_PREFIX, atomic_dir, atomic_path, fsync_tree, remove_temps, write_json_atomic
+from chainlora.provenance import code_version
 from chainlora.recipes.config import TrainConfig
 from chainlora.recipes.flops import flop_model, step_flops
 from chainlora.recipes.plots import plot_loss
@@ -858,6 +859,7 @@ def finish(run: Run, trainer: TaskTrainer, run_callback: RunCallback) -> dict[st
         "run_dir": str(run.run_dir),
         "adapter_bytes": adapter["bytes"] if adapter else None,
         "adapter": adapter,
+        "code": code_version(),
     }
     if run.args.should_save:
         with atomic_dir(run.run_dir / FINAL_DIR, overwrite=True) as tmp:

@@ -47,9 +47,9 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def newline_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token that ends a generated answer: "\\n" encoded alone. The harness takes the first token of that
-    encoding; this takes the last, which is the same for OPT/GPT-2 BPE (one token) and skips the leading
-    "▁" that SentencePiece (Llama) puts before "<0x0A>"."""
+    """The token that ends a generated answer: the *last* token of "\\n" encoded alone, as the harness
+    (``tokenizer.encode("\\n", add_special_tokens=False)[-1]``): one token for OPT/GPT-2 BPE, and it skips the
+    leading "▁" that SentencePiece (Llama) puts before "<0x0A>"."""
     ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("the tokenizer encodes '\\n' to nothing; cannot stop generation at a newline")

