@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from chainlora import perf, tasks
-from chainlora.batching import SharedPromptCollator, shared_prompt_loss, shared_prompt_view
+from chainlora.tasks.shared_prompt import SharedPromptCollator, shared_prompt_loss, shared_prompt_view
 
 
 def plans_for(dataset, batch_size: int, seed: int) -> dict[str, list[list[int]]]:

@@ -17,10 +17,10 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from chainlora import ChainOfLoRACallback, ChainSchedule, tie_knot
-from chainlora.auto import AutoChainSchedule
 from chainlora.callback import SCHEDULE_STATE_FILE
 from chainlora.chain import lora_layers
 from chainlora.errors import ConfigError
+from chainlora.schedules import AutoChainSchedule
 from chainlora.testing import tiny_chain_trainer
 
 # ------------------------------------------------------------------------ synthetic higher-rank regression

@@ -193,7 +193,7 @@ def test_train_step_rejects_unknown_option():
 def test_shared_prompt_loss_equals_harness_loss_and_gradients(tokenizer):
     """One prefix row per example gives the harness's classification loss (and gradients) exactly."""
     from chainlora import tasks
-    from chainlora.batching import SharedPromptCollator, shared_prompt_loss, shared_prompt_view
+    from chainlora.tasks.shared_prompt import SharedPromptCollator, shared_prompt_loss, shared_prompt_view
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(tiny_causal_lm("llama"), config)  # non-zero B: the LoRA gradients are not trivial
@@ -233,6 +233,6 @@ def test_shared_prompt_loss_equals_harness_loss_and_gradients(tokenizer):
 )
 def test_shared_prompt_view_refuses_what_it_cannot_reproduce(item, objective):
     from chainlora import tasks
-    from chainlora.batching import shared_prompt_view
+    from chainlora.tasks.shared_prompt import shared_prompt_view
 
     assert shared_prompt_view(tasks.TrainingDataset([item], objective)) is None

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from chainlora.cli import main, parse_config
+from chainlora.config import EvalConfig, TrainConfig
 from chainlora.errors import ConfigError
-from chainlora.recipes.config import EvalConfig, TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chainlora.cli import parse_config
+from chainlora.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig
 from chainlora.errors import ConfigError
-from chainlora.recipes.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig
 
 TOP = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "chain")]
 LORA = [f.name for f in dataclasses.fields(LoRASettings)]

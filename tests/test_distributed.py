@@ -366,8 +366,8 @@ def test_one_process_needs_no_collective():
 
 
 def test_rank_schedule_check_needs_one_rank_per_chain_with_several_processes():
-    from chainlora.auto import AutoChainSchedule
     from chainlora.distributed import check_rank_schedule
+    from chainlora.schedules import AutoChainSchedule
 
     step_down = ChainSchedule((2, 4), STEPS, ranks=(8, 4, 4))
     check_rank_schedule(step_down, 8, processes=1)  # one process: anything goes

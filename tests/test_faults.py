@@ -25,8 +25,8 @@ from transformers import TrainerCallback
 
 from chainlora import tasks
 from chainlora.cli import main, parse_config
+from chainlora.config import TrainConfig
 from chainlora.faults import run_cli, start_cli
-from chainlora.recipes.config import TrainConfig
 from chainlora.recipes.train import COMPLETE_MARKER, latest_checkpoint, seal_checkpoint, train
 from chainlora.state import CHAIN_STATE_FILE
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from chainlora import perf, tasks
 from chainlora.chain import lora_layers
 from chainlora.cli import main, parse_config
-from chainlora.recipes.config import TrainConfig
+from chainlora.config import TrainConfig
 from chainlora.recipes.train import resolve_speed, train
 from chainlora.tasks.training import EpochSeededLengthGroupedSampler
 from chainlora.testing import tiny_model_dir

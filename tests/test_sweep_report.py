@@ -152,7 +152,7 @@ def test_train_command_and_worker_env(tmp_path):
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_sweep_config_parses(path):
-    from chainlora.recipes.config import TrainConfig
+    from chainlora.config import TrainConfig
 
     cfg = load_sweep_config(path)
     runs = cfg.runs()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chainlora import tasks
 from chainlora.cli import main, parse_config
-from chainlora.recipes.config import TrainConfig
+from chainlora.config import TrainConfig
 from chainlora.recipes.train import load_run_config, train
 
 TASK = "rte"  # real data, small enough to read in a blink

@@ -29,7 +29,7 @@ _EXPORTS = {
     "export_adapter": "chainlora.adapter",
     "export_run_adapter": "chainlora.adapter",
     "ExportReport": "chainlora.adapter",
-    "AutoChainSchedule": "chainlora.auto",
+    "AutoChainSchedule": "chainlora.schedules",
 }
 
 __all__ = [
@@ -48,9 +48,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from chainlora.adapter import ExportReport, export_adapter, export_run_adapter
-    from chainlora.auto import AutoChainSchedule
     from chainlora.callback import ChainOfLoRACallback
     from chainlora.chain import ChainSchedule, KnotError, KnotRecord, TiedLink, merge_chain, tie_knot
+    from chainlora.schedules import AutoChainSchedule
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ the chain state (``chainlora_chain.safetensors``) beside the adapter, and ``trai
 resume_from_checkpoint=...)`` restores it *before* the Trainer loads the adapter, so resuming mid-chain, even
 after a rank step-down, continues exactly where the run stopped.
 
-Adaptive schedules (``chainlora.auto.AutoChainSchedule``) receive the logged training loss (``observe``; needs
+Adaptive schedules (``chainlora.schedules.AutoChainSchedule``) receive the logged training loss (``observe``; needs
 ``logging_steps=1``) and dev metrics (``observe_dev``); their state is saved beside the chain state
 (``chainlora_schedule.json``) and restored with it.
 """

@@ -32,7 +32,7 @@ from chainlora import distributed
 from chainlora.errors import ChainLoRAError, ConfigError
 
 if TYPE_CHECKING:
-    from chainlora.auto import AutoChainSchedule
+    from chainlora.schedules import AutoChainSchedule
 
 Init = Literal["gaussian", "kaiming"]
 
@@ -437,7 +437,7 @@ class ChainSchedule:
     @classmethod
     def auto(cls, total_steps: int, **kwargs) -> AutoChainSchedule:
         """Adaptive knots (``knots: auto``): tie a knot when the current link stops improving; see
-        :class:`chainlora.auto.AutoChainSchedule` for the arguments (``max_links``, ``min_link_steps``, ...)."""
-        from chainlora.auto import AutoChainSchedule
+        :class:`chainlora.schedules.AutoChainSchedule` for the arguments (``max_links``, ``min_link_steps``, ...)."""
+        from chainlora.schedules import AutoChainSchedule
 
         return AutoChainSchedule(total_steps, **kwargs)

@@ -155,7 +155,7 @@ def _one_line(err: BaseException) -> str:
 @command("train")
 def train_command(argv: list[str]) -> int | None:
     """Fine-tune a causal LM on a task with LoRA, COLA or full fine-tuning (--config FILE, --help)."""
-    from chainlora.recipes.config import TrainConfig
+    from chainlora.config import TrainConfig
     from chainlora.recipes.train import CONFIG_FILE, train
 
     resume = _option_value(argv, "--resume")
@@ -171,7 +171,7 @@ def train_command(argv: list[str]) -> int | None:
 @command("eval")
 def eval_command(argv: list[str]) -> int | None:
     """Score a model folder (e.g. a run's final/) or a registry model (0-shot) on a task: eval MODEL --task T."""
-    from chainlora.recipes.config import EvalConfig
+    from chainlora.config import EvalConfig
     from chainlora.recipes.evaluate import evaluate_model
 
     if argv and not argv[0].startswith("-"):

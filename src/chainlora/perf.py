@@ -14,7 +14,7 @@ from here, see ``recipes.train.resolve_speed``; it does not compile):
   objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that);
 * training batches grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's ``LengthGroupedSampler``
   over the real lengths), not random batches padded to their longest row; for verbalized classification tasks
-  also one row per example (``chainlora.batching.shared_prompt_view``).
+  also one row per example (``chainlora.tasks.shared_prompt.shared_prompt_view``).
 """
 
 from __future__ import annotations

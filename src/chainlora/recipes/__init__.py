@@ -4,7 +4,7 @@ from chainlora.recipes import TrainConfig, train
 metrics = train(TrainConfig(task="sst2", method="cola", num_train=64, epochs=2))
 """
 
-from chainlora.recipes.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig
+from chainlora.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig
 from chainlora.recipes.evaluate import evaluate_model
 from chainlora.recipes.train import train
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from chainlora.config import EvalConfig
 from chainlora.errors import ConfigError
 from chainlora.io import write_json_atomic
-from chainlora.recipes.config import EvalConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

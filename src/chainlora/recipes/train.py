@@ -54,18 +54,18 @@ from transformers.integrations import TensorBoardCallback
 
 from chainlora import distributed, perf, tasks
 from chainlora.adapter import export_adapter
-from chainlora.batching import SharedPromptCollator, batch_loss, shared_prompt_view
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import ChainSchedule, merge_chain
+from chainlora.config import TrainConfig
 from chainlora.errors import ChainLoRAError, ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import TEMP_PREFIX, atomic_dir, atomic_path, fsync_tree, remove_temps, write_json_atomic
 from chainlora.provenance import code_version
-from chainlora.recipes.config import TrainConfig
 from chainlora.recipes.flops import flop_model, step_flops
 from chainlora.recipes.plots import plot_loss
 from chainlora.state import CHAIN_STATE_FILE, load_chain_state, save_chain_state
+from chainlora.tasks.shared_prompt import SharedPromptCollator, batch_loss, shared_prompt_view
 
 logger = logging.getLogger("chainlora")
 
@@ -96,7 +96,9 @@ class Run:
     splits: Any  # chainlora.tasks.TaskSplits
     model: PreTrainedModel  # PEFT-wrapped for lora/cola
     tokenizer: PreTrainedTokenizerBase
-    train_set: Any  # chainlora.tasks.TrainingDataset, or its chainlora.batching.SharedPromptDataset view
+    train_set: (
+        Any  # chainlora.tasks.TrainingDataset, or its chainlora.tasks.shared_prompt.SharedPromptDataset view
+    )
     dev_set: Any | None
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]  # batches of train_set / dev_set
     speed: Speed
@@ -564,7 +566,7 @@ class LinkLR:
 
 
 class TaskTrainer(tasks.TaskTrainer):
-    """The HF Trainer with the task's training loss (either batch form, ``chainlora.batching.batch_loss``),
+    """The HF Trainer with the task's training loss (either batch form, ``chainlora.tasks.shared_prompt.batch_loss``),
     length-grouped batches seeded per epoch (``tasks.TaskTrainer``), a pure LR schedule, analytic FLOPs and task
     dev metrics."""
 

@@ -176,7 +176,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 class TaskTrainer(Trainer):
     """A ``Trainer`` training with ``compute_loss`` (a per-batch mean, so scaled for gradient accumulation by the
     Trainer), whose ``train_sampling_strategy="group_by_length"`` groups by each item's real token length
-    (any dataset with ``lengths``: ``TrainingDataset``, ``chainlora.batching.SharedPromptDataset``), in an order
+    (any dataset with ``lengths``: ``TrainingDataset``, ``chainlora.tasks.shared_prompt.SharedPromptDataset``), in an order
     that depends only on ``data_seed`` and the epoch."""
 
     loss_is_scaled_for_ga = False

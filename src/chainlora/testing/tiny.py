@@ -40,7 +40,7 @@ def tiny_tokenizer(vocab_size: int = 320, extra_tokens: Sequence[str] = ()) -> P
     """A byte-level BPE tokenizer (BOS added to every encoding, like Llama's), trained on TINY_CORPUS.
 
     ``extra_tokens`` are added as whole tokens (e.g. ``[" great", " terrible"]`` makes SST-2's verbalizers single
-    tokens, as in a real vocabulary, so the task qualifies for ``chainlora.batching.shared_prompt_view``)."""
+    tokens, as in a real vocabulary, so the task qualifies for ``chainlora.tasks.shared_prompt.shared_prompt_view``)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -114,7 +114,7 @@ class LoRASettings:
 
 @dataclass
 class AutoKnotSettings:
-    """Adaptive knots (``chain.knots: auto``): a knot when the current link stops improving (chainlora.auto)."""
+    """Adaptive knots (``chain.knots: auto``): a knot when the current link stops improving (chainlora.schedules)."""
 
     min_link_steps: int | None = None
     """Every link trains at least this many optimizer steps. null = a quarter of an even link's length."""
