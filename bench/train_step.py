@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from chainlora import perf, tie_knot
+from chainlora.links import layer_chains
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIONS = {*PRECISIONS, "w16", "fused", "foreach", "compile"}
@@ -200,7 +201,7 @@ def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runn
 
 def master_copy_mib(model: torch.nn.Module) -> float:
     """fp32 master copies that knots keep for a half-precision base (``tie_knot(precise=None)``), MiB."""
-    copies = [getattr(m, "chainlora_master_weight", None) for m in model.modules()]
+    copies = [chain.master_weight for *_, chain in layer_chains(model)]
     return sum(c.numel() * c.element_size() for c in copies if c is not None) / 2**20
 
 

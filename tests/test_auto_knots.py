@@ -18,8 +18,8 @@ from transformers import Trainer, TrainingArguments
 
 from chainlora import ChainOfLoRACallback, ChainSchedule, tie_knot
 from chainlora.callback import SCHEDULE_STATE_FILE
-from chainlora.chain import lora_layers
 from chainlora.errors import ConfigError
+from chainlora.links import lora_layers
 from chainlora.schedules import AutoChainSchedule
 from chainlora.testing import tiny_chain_trainer
 

@@ -7,18 +7,15 @@ holds another run): YAML syntax and types, registry models, data values, ranks, 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from chainlora import models
+from chainlora import models, rundir
 from chainlora.cli import main
 from chainlora.errors import ConfigError
-
-TRAIN = importlib.import_module("chainlora.recipes.train")  # the module (the package re-exports train())
 
 TASK = "cb"
 SMALL = ["--num_train", "16", "--num_dev", "4", "--num_eval", "4", "--batch_size", "4", "--epochs", "2"]
@@ -172,7 +169,7 @@ def test_unwritable_output_dir(base, tmp_path, capsys, monkeypatch):
     (tmp_path / "locked").mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        TRAIN.os,
+        os,
         "access",
         lambda path, mode: False if Path(path) == tmp_path / "locked" else real_access(path, mode),
     )
@@ -196,8 +193,8 @@ def test_a_temp_left_by_a_killed_start_is_not_a_run(base, tmp_path, capsys, monk
     out.mkdir()
     (out / ".tmp-config.yaml.abc").write_text("half")
 
-    def stop(run):
+    def stop(*args, **kwargs):
         raise ConfigError("stopped after setup")
 
-    monkeypatch.setattr(TRAIN, "start_run_dir", stop)  # we only want setup's verdict
+    monkeypatch.setattr(rundir, "start_run_dir", stop)  # we only want setup's verdict
     refused(capsys, [*base, "--output_dir", str(out)], "stopped after setup", out)

@@ -155,7 +155,7 @@ def test_compiled_model_survives_knots_without_recompiling():
 
 def test_speed_defaults_and_fused_adamw_match_plain_adamw():
     defaults = perf.speed_defaults("cpu")
-    assert defaults.precision in ("fp32", "bf16") and not defaults.torch_compile and defaults.group_by_length
+    assert defaults.precision in ("fp32", "bf16") and not defaults.compiled and defaults.group_by_length
     assert defaults.training_arguments()["bf16"] == (defaults.precision == "bf16")
     # the fused optimizer takes the same steps as the default one
     torch.manual_seed(0)

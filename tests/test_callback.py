@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 from chainlora import ChainOfLoRACallback, ChainSchedule
-from chainlora.chain import lora_layers
+from chainlora.links import lora_layers
 from chainlora.state import CHAIN_STATE_FILE
 from chainlora.testing import tiny_causal_lm, tiny_chain_trainer
 

@@ -10,8 +10,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from chainlora import ChainSchedule, merge_chain, tie_knot
-from chainlora.chain import KnotError, link_delta, link_delta_norm_sq, lora_layers, reset_optimizer_state
+from chainlora.chain import KnotError, link_delta, link_delta_norm_sq, reset_optimizer_state
 from chainlora.errors import ConfigError
+from chainlora.links import lora_layers
 from chainlora.testing import lora_on_qv as lora
 from chainlora.testing import perturb_links, tiny_causal_lm
 

@@ -129,7 +129,7 @@ def test_eval_config_positional_model(monkeypatch):
 
 
 def test_lr_schedules_are_pure_functions_of_the_step():
-    from chainlora.recipes.train import LinkLR
+    from chainlora.recipes.trainer import LinkLR
 
     linear = LinkLR("linear", total_steps=10)
     assert [linear(s) for s in (0, 5, 9)] == [1.0, 0.5, 0.1]

@@ -22,9 +22,9 @@ from torch import nn
 
 from chainlora import ChainOfLoRACallback, ChainSchedule, tie_knot
 from chainlora.callback import knot_generator
-from chainlora.chain import chain_length, lora_layers
 from chainlora.distributed import cpu_fp32_copy, world_size
 from chainlora.errors import ConfigError
+from chainlora.links import chain_length, layer_chain, lora_layers
 from chainlora.state import CHAIN_STATE_FILE, load_chain_state
 from chainlora.testing import tiny_causal_lm
 
@@ -69,7 +69,7 @@ def chain_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         weights[f"{name}.base"] = cpu_fp32_copy(layer.get_base_layer().weight)
         weights[f"{name}.A"] = cpu_fp32_copy(layer.lora_A[adapter].weight)
         weights[f"{name}.B"] = cpu_fp32_copy(layer.lora_B[adapter].weight)
-        for i, link in enumerate(getattr(layer, "chainlora_links", [])):
+        for i, link in enumerate(layer_chain(layer).links):
             weights[f"{name}.link{i}.A"], weights[f"{name}.link{i}.B"] = link.lora_A, link.lora_B
     return weights
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from chainlora import merge_chain, tie_knot
 from chainlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, export_adapter, export_run_adapter
-from chainlora.chain import lora_layers
 from chainlora.errors import ChainLoRAError
+from chainlora.links import layer_chain, lora_layers
 from chainlora.state import save_chain_state
 from chainlora.testing import lora_on_qv as lora
 from chainlora.testing import perturb_links, tiny_causal_lm
@@ -48,7 +48,7 @@ def dense_delta(model: nn.Module) -> dict[str, torch.Tensor]:
         delta = layer.scaling[adapter] * (
             layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double()
         )
-        for link in layer.chainlora_links:
+        for link in layer_chain(layer).links:
             delta += link.scaling * (link.lora_B.double() @ link.lora_A.double())
         deltas[name.removeprefix(PREFIX)] = delta
     return deltas
@@ -96,7 +96,7 @@ def test_layers_with_different_total_ranks_use_exact_rank_patterns(tokenizer, tm
 
 def test_rslora_chain_exports_exactly(tokenizer, tmp_path):
     model = chain_8_4(tiny_causal_lm("llama", vocab_size=len(tokenizer)), use_rslora=True)
-    scalings = {link.scaling for _, layer, _ in lora_layers(model) for link in layer.chainlora_links}
+    scalings = {link.scaling for _, layer, _ in lora_layers(model) for link in layer_chain(layer).links}
     assert scalings == {16 / math.sqrt(8)}
     inputs = batch(tokenizer)
     export_adapter(model, tmp_path / "adapter")

@@ -27,7 +27,8 @@ from chainlora import tasks
 from chainlora.cli import main, parse_config
 from chainlora.config import TrainConfig
 from chainlora.faults import run_cli, start_cli
-from chainlora.recipes.train import COMPLETE_MARKER, latest_checkpoint, seal_checkpoint, train
+from chainlora.recipes.train import train
+from chainlora.rundir import COMPLETE_MARKER, latest_checkpoint, seal_checkpoint
 from chainlora.state import CHAIN_STATE_FILE
 
 KILLED = -signal.SIGKILL
@@ -210,7 +211,7 @@ def _poison_training_loss(monkeypatch, steps: set[int]) -> None:
         calls["n"] += 1
         return value * float("nan") if calls["n"] in steps else value
 
-    monkeypatch.setattr(tasks, "compute_loss", loss)
+    monkeypatch.setattr(tasks.training, "compute_loss", loss)  # what the Trainer calls
 
 
 class Snapshots(TrainerCallback):
@@ -299,7 +300,7 @@ def test_overwrite_replaces_the_old_run_in_one_rename(tiny_llama_dir, shared_dat
     renamed = []
     real_replace = os.replace
     monkeypatch.setattr(
-        train_module.os, "replace", lambda a, b: (renamed.append((Path(a), Path(b))), real_replace(a, b))[1]
+        os, "replace", lambda a, b: (renamed.append((Path(a), Path(b))), real_replace(a, b))[1]
     )
 
     def stop(run):  # the new run directory is started: that is all this test needs

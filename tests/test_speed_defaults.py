@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chainlora import perf, tasks
-from chainlora.chain import lora_layers
 from chainlora.cli import main, parse_config
 from chainlora.config import TrainConfig
-from chainlora.recipes.train import resolve_speed, train
+from chainlora.links import layer_chain, lora_layers
+from chainlora.perf import resolve_speed
+from chainlora.recipes.train import train
 from chainlora.tasks.training import EpochSeededLengthGroupedSampler
 from chainlora.testing import tiny_model_dir
 
@@ -63,7 +64,7 @@ def test_auto_settings_follow_the_device():
     assert (full.precision, full.base_dtype) == (defaults.precision, "fp32")  # trained weights stay fp32
     assert resolve_speed(TrainConfig(method="lora", precision="fp32")).base_dtype == "fp32"
     assert resolve_speed(TrainConfig(method="lora", optimizer="sgd")).optim == "sgd"
-    assert cola.compiled == defaults.torch_compile  # CUDA only
+    assert cola.compiled == defaults.compiled  # CUDA only
     assert (
         resolve_speed(TrainConfig(compile="on")).compiled
         and not resolve_speed(TrainConfig(compile="off")).compiled
@@ -99,7 +100,7 @@ class DtypeProbe(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _, layer, adapter = next(iter(lora_layers(model)))
-        master = getattr(layer, "chainlora_master_weight", None)
+        master = layer_chain(layer).master_weight
         self.seen.append(
             {
                 "base": layer.get_base_layer().weight.dtype,
@@ -188,14 +189,14 @@ def test_compiled_training_survives_the_knot_without_recompiling(
     Dynamo's ``eager`` backend traces and guards like inductor without generating code (seconds, not minutes)."""
     import torch._dynamo
 
-    make_args = train_module._training_args
+    make_args = train_module.training_arguments
 
     def traced_only(*args, **kwargs):
         training_args = make_args(*args, **kwargs)
         training_args.torch_compile_backend = "eager"
         return training_args
 
-    monkeypatch.setattr(train_module, "_training_args", traced_only)
+    monkeypatch.setattr(train_module, "training_arguments", traced_only)
     common = ["--precision", "fp32", "--lr", "1e-2"]
     graphs, metrics = {}, {}
     for name, method in [

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from chainlora import tasks
 from chainlora.cli import main, parse_config
 from chainlora.config import TrainConfig
-from chainlora.recipes.train import load_run_config, train
+from chainlora.recipes.train import train
+from chainlora.rundir import load_run_config
 
 TASK = "rte"  # real data, small enough to read in a blink
 SMALL = ["--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--batch_size", "4", "--epochs", "2"]

@@ -20,10 +20,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ChainOfLoRACallback": "chainlora.callback",
-    "ChainSchedule": "chainlora.chain",
-    "KnotError": "chainlora.chain",
+    "ChainSchedule": "chainlora.schedules",
+    "KnotError": "chainlora.errors",
     "KnotRecord": "chainlora.chain",
-    "TiedLink": "chainlora.chain",
+    "TiedLink": "chainlora.links",
     "merge_chain": "chainlora.chain",
     "tie_knot": "chainlora.chain",
     "export_adapter": "chainlora.adapter",
@@ -49,8 +49,10 @@ __all__ = [
 if TYPE_CHECKING:
     from chainlora.adapter import ExportReport, export_adapter, export_run_adapter
     from chainlora.callback import ChainOfLoRACallback
-    from chainlora.chain import ChainSchedule, KnotError, KnotRecord, TiedLink, merge_chain, tie_knot
-    from chainlora.schedules import AutoChainSchedule
+    from chainlora.chain import KnotRecord, merge_chain, tie_knot
+    from chainlora.errors import KnotError
+    from chainlora.links import TiedLink
+    from chainlora.schedules import AutoChainSchedule, ChainSchedule
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,8 @@ the tied links and the current one. That sum *is* one LoRA of rank ``Σ_i r_i``:
     B·A = Σ_i s_i·B_i·A_i   exactly, and PEFT's own scaling is made 1 (lora_alpha = r, rsLoRA off).
 
 So ``PeftModel.from_pretrained(original_base, folder)`` computes what the chained model computes, with any
-PEFT version and no chainlora installed. The adapter is built from the links themselves (kept by ``tie_knot``
-in ``layer.chainlora_links``), never from the model's base weights: it applies to the *original* pretrained
+PEFT version and no chainlora installed. The adapter is built from the links themselves (the tied ones kept by
+``tie_knot``, see ``chainlora.links``, and the current one), never from the model's base weights: it applies to the *original* pretrained
 weights W0, whatever happened to the training copy of the base (fp32 master, rounding to bf16, …).
 
 With ``rank=R`` every layer's update ``ΔW = B·A`` is truncated to its best rank-R approximation (Eckart–Young),
@@ -38,24 +38,15 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chainlora.chain import KnotError, lora_layers
-from chainlora.errors import ChainLoRAError
+from chainlora import distributed, rundir
+from chainlora.errors import ChainLoRAError, KnotError
 from chainlora.io import atomic_dir
+from chainlora.links import TiedLink, layer_chain, lora_layers
 from chainlora.state import CHAIN_STATE_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # how PEFT names a LoRA layer in a saved adapter: PREFIX + module path
-
-
-@dataclass(frozen=True)
-class Link:
-    """One term ``s·B·A`` (+ ``s·b``) of a layer's chain, fp32 on CPU."""
-
-    lora_A: torch.Tensor  # (r, in_features)
-    lora_B: torch.Tensor  # (out_features, r)
-    scaling: float
-    bias: torch.Tensor | None = None  # (out_features,) LoRA bias, before scaling
 
 
 @dataclass
@@ -109,9 +100,9 @@ class ExportReport:
 # ------------------------------------------------------------------------------------- collect the chain
 
 
-def chain_links(model: nn.Module) -> dict[str, list[Link]]:
-    """Every link of every LoRA layer of ``model``: the tied ones (``layer.chainlora_links``) then the current
-    one. Keys are module paths inside the base transformers model (as PEFT's ``target_modules`` see them).
+def chain_links(model: nn.Module) -> dict[str, list[TiedLink]]:
+    """Every link of every LoRA layer of ``model`` as a :class:`~chainlora.links.TiedLink`: the tied ones, then
+    the current one (as it would be tied now). Keys are module paths inside the base transformers model (as PEFT's ``target_modules`` see them).
 
     Raises :class:`ChainLoRAError` for what one LoRA adapter cannot hold: no LoRA layer (a plain model, or one
     already merged by ``merge_chain``), DoRA or other variants, embedding/conv LoRA, several active adapters,
@@ -137,36 +128,31 @@ def chain_links(model: nn.Module) -> dict[str, list[Link]]:
         )
     root = _base_model(model)
     paths = {id(module): name for name, module in root.named_modules()}
-    chains: dict[str, list[Link]] = {}
+    chains: dict[str, list[TiedLink]] = {}
     for name, layer, adapter in layers:
-        tied = list(getattr(layer, "chainlora_links", []))
-        knots = getattr(layer, "chainlora_knots", 0)
+        chain = layer_chain(layer)
+        tied, knots = list(chain.links), chain.knots
         if len(tied) != knots:
             raise ChainLoRAError(
                 f"{name}: {knots} knot(s) tied but {len(tied)} link(s) kept (tie_knot(keep_links=False)?); "
                 "the adapter needs every link"
             )
         bias = layer.lora_B[adapter].bias
-        if any(_is_sharded(p) for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)):
+        if any(
+            distributed.is_sharded(p) for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        ):
             raise ChainLoRAError(
                 f"{name}: the link is sharded over processes (FSDP2); export from the chain state of a "
                 "checkpoint instead: export_run_adapter(checkpoint_dir)"
             )
-        current = Link(
+        current = TiedLink(
             lora_A=layer.lora_A[adapter].weight.detach().float().cpu(),
             lora_B=layer.lora_B[adapter].weight.detach().float().cpu(),
             scaling=float(layer.scaling[adapter]),
-            bias=bias.detach().float().cpu() if bias is not None else None,
+            lora_B_bias=bias.detach().float().cpu() if bias is not None else None,
         )
-        tied_links = [Link(t.lora_A, t.lora_B, t.scaling, t.lora_B_bias) for t in tied]
-        chains[paths.get(id(layer), _strip_prefix(name))] = [*tied_links, current]
+        chains[paths.get(id(layer), _strip_prefix(name))] = [*tied, current]
     return chains
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -182,7 +168,7 @@ def _strip_prefix(name: str) -> str:
     return name[len(PREFIX) :] if name.startswith(PREFIX) else name
 
 
-def _meta_of(model: nn.Module, chains: dict[str, list[Link]]) -> _Meta:
+def _meta_of(model: nn.Module, chains: dict[str, list[TiedLink]]) -> _Meta:
     meta = _Meta()
     configs = list(getattr(model, "peft_config", {}).values())
     if configs:
@@ -201,12 +187,12 @@ def _meta_of(model: nn.Module, chains: dict[str, list[Link]]) -> _Meta:
 # ------------------------------------------------------------------------------------------- the maths
 
 
-def stack_links(links: Iterable[Link]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def stack_links(links: Iterable[TiedLink]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(A, B, b)`` with ``B @ A = Σ s_i·B_i·A_i`` and ``b = Σ s_i·b_i`` (fp32): one LoRA of rank Σ r_i."""
     links = list(links)
     lora_A = torch.cat([link.lora_A.float() for link in links], dim=0)
     lora_B = torch.cat([link.lora_B.float() * link.scaling for link in links], dim=1)
-    biases = [link.bias.float() * link.scaling for link in links if link.bias is not None]
+    biases = [link.lora_B_bias.float() * link.scaling for link in links if link.lora_B_bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None
     return lora_A, lora_B, bias
 
@@ -263,12 +249,12 @@ def export_adapter(
 
 
 def _write_adapter(
-    chains: dict[str, list[Link]], meta: _Meta, path: Path, rank: int | None, *, overwrite: bool
+    chains: dict[str, list[TiedLink]], meta: _Meta, path: Path, rank: int | None, *, overwrite: bool
 ) -> ExportReport:
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ChainLoRAError(f"export rank must be a positive integer, got {rank!r}")
     if not any(
-        link.lora_B.count_nonzero() or (link.bias is not None and link.bias.count_nonzero())
+        link.lora_B.count_nonzero() or (link.lora_B_bias is not None and link.lora_B_bias.count_nonzero())
         for links in chains.values()
         for link in links
     ):
@@ -278,7 +264,7 @@ def _write_adapter(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
-    has_bias = any(link.bias is not None for links in chains.values() for link in links)
+    has_bias = any(link.lora_B_bias is not None for links in chains.values() for link in links)
     for name, links in chains.items():
         lora_A, lora_B, bias = stack_links(links)
         if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
@@ -368,7 +354,7 @@ def _lora_config(ranks: dict[str, int], meta: _Meta, has_bias: bool) -> LoraConf
 # ------------------------------------------------------------------------------------ from a run folder
 
 
-def read_adapter(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
+def read_adapter(folder: str | Path) -> tuple[dict[str, list[TiedLink]], _Meta]:
     """The chain held by a PEFT LoRA adapter folder: one link per layer, with the scaling PEFT would use
     (``lora_alpha / r`` or ``/ √r`` with rsLoRA, ``rank_pattern``/``alpha_pattern`` honoured)."""
     from peft.utils.other import get_pattern_key
@@ -380,7 +366,7 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
             f"{folder}: only plain LoRA adapters can be read (peft_type={config.get('peft_type')})"
         )
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    chains: dict[str, list[Link]] = {}
+    chains: dict[str, list[TiedLink]] = {}
     for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
             continue
@@ -395,7 +381,7 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
         alpha = config.get("alpha_pattern", {}).get(alpha_key, config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         bias = tensors.get(f"{key[: -len('lora_A.weight')]}lora_B.bias")
-        chains[name] = [Link(lora_A, lora_B, scaling, bias.float() if bias is not None else None)]
+        chains[name] = [TiedLink(lora_A, lora_B, scaling, bias.float() if bias is not None else None)]
     if not chains:
         raise ChainLoRAError(f"{folder}: no LoRA weights in {ADAPTER_WEIGHTS}")
     meta = _meta_from_config(config)
@@ -403,7 +389,7 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
     return chains, meta
 
 
-def read_chain_state(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
+def read_chain_state(folder: str | Path) -> tuple[dict[str, list[TiedLink]], _Meta]:
     """The chain saved by ``chainlora.state.save_chain_state`` in ``folder`` (a checkpoint), with the
     ``adapter_config.json`` saved beside it (for the current link's scaling, α/r or α/√r, and the metadata)."""
     from peft.utils.other import get_pattern_key
@@ -415,13 +401,13 @@ def read_chain_state(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
         )
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     tensors = load_file(str(folder / CHAIN_STATE_FILE))
-    chains: dict[str, list[Link]] = {}
+    chains: dict[str, list[TiedLink]] = {}
     for key in sorted(k for k in tensors if k.endswith("/knots")):
         layer = key[: -len("/knots")]
         name = _strip_prefix(layer)
         knots = int(tensors[key])
         tied = [
-            Link(
+            TiedLink(
                 tensors[f"{layer}/link{i}/lora_A"].float(),
                 tensors[f"{layer}/link{i}/lora_B"].float(),
                 float(tensors[f"{layer}/link{i}/scaling"]),
@@ -438,7 +424,7 @@ def read_chain_state(folder: str | Path) -> tuple[dict[str, list[Link]], _Meta]:
         alpha = config.get("alpha_pattern", {}).get(alpha_key, config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         bias = tensors.get(f"{layer}/lora_B_bias")
-        current = Link(
+        current = TiedLink(
             lora_A, tensors[f"{layer}/lora_B"].float(), scaling, bias.float() if bias is not None else None
         )
         chains[name] = [*tied, current]
@@ -456,18 +442,13 @@ def _meta_from_config(config: dict[str, Any]) -> _Meta:
     )
 
 
-def _checkpoint_step(folder: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-    return int(match.group(1)) if match else -1
-
-
 def find_chain_source(run_dir: str | Path) -> Path:
     """Where a run's chain can be read, first found: ``run_dir/adapter`` (written by ``chainlora train``),
     ``run_dir`` itself when it is an adapter or checkpoint folder, ``run_dir/chain``, then the newest
     ``checkpoint-N`` (anywhere under ``run_dir``) holding a chain state and its adapter config."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / "adapter", run_dir, run_dir / "chain"]
-    checkpoints = sorted(run_dir.glob("**/checkpoint-*"), key=_checkpoint_step, reverse=True)
+    candidates = [run_dir / rundir.ADAPTER_DIR, run_dir, run_dir / "chain"]
+    checkpoints = sorted(run_dir.glob("**/checkpoint-*"), key=rundir.checkpoint_step, reverse=True)
     for folder in [*candidates, *checkpoints]:
         if (
             (folder / ADAPTER_WEIGHTS).is_file()
@@ -498,7 +479,8 @@ def export_run_adapter(
     source = find_chain_source(run_dir)
     is_chain_state = (source / CHAIN_STATE_FILE).is_file()
     chains, meta = read_chain_state(source) if is_chain_state else read_adapter(source)
-    target = Path(out) if out is not None else run_dir / ("adapter" if rank is None else f"adapter-r{rank}")
+    default = rundir.ADAPTER_DIR if rank is None else f"{rundir.ADAPTER_DIR}-r{rank}"
+    target = Path(out) if out is not None else run_dir / default
     if not is_chain_state and rank is None and target.resolve() == source.resolve():
         link_ranks = meta.link_ranks or {name: (links[0].lora_A.shape[0],) for name, links in chains.items()}
         report = ExportReport(

@@ -6,8 +6,9 @@ the chain state (``chainlora_chain.safetensors``) beside the adapter, and ``trai
 resume_from_checkpoint=...)`` restores it *before* the Trainer loads the adapter, so resuming mid-chain, even
 after a rank step-down, continues exactly where the run stopped.
 
-Adaptive schedules (``chainlora.schedules.AutoChainSchedule``) receive the logged training loss (``observe``; needs
-``logging_steps=1``) and dev metrics (``observe_dev``); their state is saved beside the chain state
+The schedule is driven through the :class:`~chainlora.schedules.KnotSchedule` protocol alone: every logged
+training loss goes to ``observe`` and every dev metric to ``observe_dev`` (no-ops for a fixed schedule); an
+adaptive schedule (``AutoChainSchedule``) needs ``logging_steps=1``, and its state is saved beside the chain state
 (``chainlora_schedule.json``) and restored with it.
 """
 
@@ -18,16 +19,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from chainlora import distributed
-from chainlora.chain import Init, KnotError, KnotRecord, chain_length, lora_layers, tie_knot
+from chainlora.chain import Init, KnotError, KnotRecord, tie_knot
 from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.io import write_json_atomic
+from chainlora.links import chain_length, lora_layers
+from chainlora.schedules import KnotSchedule
+from chainlora.seeding import derived_generator
 from chainlora.state import CHAIN_STATE_FILE, load_chain_state, save_chain_state
 
 logger = logging.getLogger("chainlora")
@@ -35,18 +38,10 @@ logger = logging.getLogger("chainlora")
 SCHEDULE_STATE_FILE = "chainlora_schedule.json"  # state of a stateful (adaptive) schedule, beside the chain
 
 
-class KnotSchedule(Protocol):
-    """What the callback needs from a schedule (``ChainSchedule`` and the adaptive one both provide it)."""
-
-    def knot_due(self, step: int, loss: float | None = None) -> bool: ...
-
-    def rank_of_link(self, link: int) -> int | None: ...
-
-
 def knot_generator(seed: int, link: int) -> torch.Generator:
     """The RNG that initialises link ``link``: a pure function of (seed, link), so every process of a
     distributed run, and a resumed run, draw the very same A."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + link)
+    return derived_generator(seed, link)
 
 
 class ChainOfLoRACallback(TrainerCallback):
@@ -95,7 +90,7 @@ class ChainOfLoRACallback(TrainerCallback):
     def restore(self, model, checkpoint_dir: str | os.PathLike) -> None:
         """Restore the chain (base weights, links, ranks, knot records) saved in ``checkpoint_dir``."""
         self.knots = load_chain_state(model, checkpoint_dir)  # every process restores
-        if hasattr(self.schedule, "load_state_dict"):
+        if self.schedule.adaptive:
             schedule_file = Path(checkpoint_dir) / SCHEDULE_STATE_FILE
             if not schedule_file.is_file():
                 raise ConfigError(f"{schedule_file} not found: cannot resume the adaptive knot schedule")
@@ -104,15 +99,13 @@ class ChainOfLoRACallback(TrainerCallback):
         logger.info("chainlora: restored a chain of %d link(s) from %s", chain_length(model), checkpoint_dir)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if hasattr(self.schedule, "observe") and not (
-            args.logging_strategy == "steps" and args.logging_steps == 1
-        ):
+        if self.schedule.adaptive and not (args.logging_strategy == "steps" and args.logging_steps == 1):
             raise ConfigError(
                 "adaptive knots decide from the training loss of every step: set logging_strategy='steps' and "
                 f"logging_steps=1 (got {args.logging_strategy!s}, {args.logging_steps})"
             )
-        total = getattr(self.schedule, "total_steps", None)
-        if total is not None and state.max_steps and total != state.max_steps:
+        total = self.schedule.total_steps
+        if state.max_steps and total != state.max_steps:
             raise ConfigError(
                 f"the chain schedule was built for {total} optimizer steps but the Trainer runs {state.max_steps}"
             )
@@ -127,7 +120,7 @@ class ChainOfLoRACallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if (checkpoint / CHAIN_STATE_FILE).is_file():
                 self.restore(model, checkpoint)
-            elif hasattr(self.schedule, "load_state_dict") or any(
+            elif self.schedule.adaptive or any(
                 self.schedule.knot_due(s) for s in range(1, state.global_step + 1)
             ):
                 raise ConfigError(
@@ -140,12 +133,11 @@ class ChainOfLoRACallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
-            if hasattr(self.schedule, "observe"):  # already averaged over processes by the Trainer
-                self.schedule.observe(state.global_step, self.last_loss)
+            self.schedule.observe(state.global_step, self.last_loss)  # already averaged over processes
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        """Feed the dev metric (``metric_for_best_model``, default the dev loss) to an adaptive schedule."""
-        if not metrics or not hasattr(self.schedule, "observe_dev"):
+        """Feed the dev metric (``metric_for_best_model``, default the dev loss) to the schedule."""
+        if not metrics:
             return
         name = args.metric_for_best_model or "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
@@ -180,7 +172,7 @@ class ChainOfLoRACallback(TrainerCallback):
             "next_rank": record.next_rank,
             "delta_norm": record.delta_norm,
         }
-        if getattr(self.schedule, "decisions", None):  # an adaptive schedule says why it tied this knot
+        if self.schedule.decisions:  # an adaptive schedule says why it tied this knot
             entry["reason"] = self.schedule.decisions[-1].reason
         state.log_history.append(entry)
         logger.info(
@@ -196,5 +188,5 @@ class ChainOfLoRACallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # every process calls it (FSDP2 gathers the shards first); only the main one writes
         save_chain_state(model, checkpoint, self.knots, main=args.should_save)
-        if args.should_save and hasattr(self.schedule, "state_dict"):
+        if args.should_save and self.schedule.adaptive:
             write_json_atomic(checkpoint / SCHEDULE_STATE_FILE, self.schedule.state_dict())

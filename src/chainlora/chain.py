@@ -13,42 +13,41 @@ just before it; only the split between "base" and "link" has moved. After k knot
 cannot (the paper's Frank-Wolfe view). ``merge_chain`` folds the last link in and removes the LoRA modules,
 leaving a plain model with zero inference overhead.
 
-Where the knots go is a :class:`ChainSchedule`; the HF ``Trainer`` hook is ``chainlora.callback``.
+The chain's per-layer state (fp32 masters, tied links, knot counts) is kept by ``chainlora.links``; where the
+knots go is a schedule (``chainlora.schedules``); the HF ``Trainer`` hook is ``chainlora.callback``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from chainlora import distributed
-from chainlora.errors import ChainLoRAError, ConfigError
+from chainlora.errors import ConfigError, KnotError
+from chainlora.links import TiedLink, layer_chain, lora_layers
 
-if TYPE_CHECKING:
-    from chainlora.schedules import AutoChainSchedule
+__all__ = [
+    "Init",
+    "KnotError",
+    "KnotRecord",
+    "check_ranks_fit",
+    "extend_link",
+    "link_delta",
+    "link_delta_norm_sq",
+    "master_copy",
+    "merge_chain",
+    "reset_optimizer_state",
+    "set_peft_rank",
+    "tie_knot",
+]
 
 Init = Literal["gaussian", "kaiming"]
-
-
-class KnotError(ChainLoRAError):
-    """A knot was refused (non-finite or exploding delta, unsupported layer); the model was left unchanged."""
-
-
-@dataclass(frozen=True)
-class TiedLink:
-    """One link already merged into the base: ``s·B·A`` (+ ``s·b`` for a LoRA bias), kept on CPU in fp32."""
-
-    lora_A: torch.Tensor  # (r, in_features)
-    lora_B: torch.Tensor  # (out_features, r)
-    scaling: float
-    lora_B_bias: torch.Tensor | None = None  # (out_features,)
 
 
 @dataclass(frozen=True)
@@ -63,34 +62,6 @@ class KnotRecord:
 
 
 # --------------------------------------------------------------------------------------------- layers
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear, str]]:
-    """Yield ``(module name, LoRA layer, adapter name)`` for every active LoRA link in ``model``.
-
-    Only PEFT's plain ``lora.Linear`` over a floating-point ``nn.Linear`` can be tied: merging into a quantized
-    base is lossy and a DoRA/variant link is not ``s·B·A``, so both are refused with a clear error.
-    """
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            if type(module) is not LoraLinear or adapter in getattr(module, "lora_variant", {}):
-                raise KnotError(
-                    f"{name}: only plain LoRA on nn.Linear can be tied, not {type(module).__name__}"
-                )
-            weight = module.get_base_layer().weight
-            if not weight.is_floating_point():
-                raise KnotError(
-                    f"{name}: base weight is {weight.dtype} (quantized); a knot cannot merge into it"
-                )
-            if module.merged:
-                raise KnotError(
-                    f"{name}: adapter is merged by PEFT (merge_adapter); unmerge it before a knot"
-                )
-            yield name, module, adapter
 
 
 @torch.no_grad()
@@ -139,7 +110,7 @@ def _merge_into_base(layer: LoraLinear, delta: torch.Tensor, bias_delta: torch.T
     """``W ← W + delta`` in fp32. With an fp32 master copy (see ``precise``) the sum is kept exact in fp32 and
     only its rounding is written to a half-precision W, so repeated knots do not accumulate rounding error."""
     base = layer.get_base_layer()
-    master = getattr(layer, "chainlora_master_weight", None)
+    master = layer_chain(layer).master_weight
     with torch.no_grad():
         if master is not None:
             master.add_(delta.to(master.device))
@@ -163,7 +134,7 @@ def _new_lora_A(shape: tuple[int, int], init: Init, generator: torch.Generator |
     raise ConfigError(f"unknown LoRA init {init!r}: expected 'gaussian' or 'kaiming'")
 
 
-def _extend_link(
+def extend_link(
     layer: LoraLinear, adapter: str, rank: int, init: Init, generator: torch.Generator | None
 ) -> dict[nn.Parameter, nn.Parameter]:
     """Start the next link: A random, B = 0 (and its bias 0). Same rank: in place, the parameters stay the same
@@ -207,6 +178,23 @@ def reset_optimizer_state(
         group["params"] = [replaced.get(p, p) for p in group["params"]]
 
 
+def check_ranks_fit(layers: Iterable[tuple[str, nn.Module]], ranks: Iterable[tuple[str, int]]) -> None:
+    """Refuse a rank that a layer cannot hold (more than ``min(in, out)`` features), in one line naming it.
+
+    ``layers``: ``(name, module)`` pairs with ``in_features``/``out_features`` (a LoRA layer, or the
+    ``nn.Linear`` a LoRA link will wrap). ``ranks``: ``(setting, rank)`` pairs; a non-empty setting (e.g.
+    ``"lora.r"``) starts the message. Layers are checked in order, each against every rank.
+    """
+    ranks = list(ranks)
+    for name, layer in layers:
+        for setting, rank in ranks:
+            if rank > min(layer.in_features, layer.out_features):
+                raise ConfigError(
+                    f"{f'{setting}: ' if setting else ''}rank {rank} is larger than layer {name} "
+                    f"({layer.out_features}×{layer.in_features})"
+                )
+
+
 # ----------------------------------------------------------------------------------------------- knot
 
 
@@ -244,11 +232,7 @@ def tie_knot(
     if not layers:
         raise KnotError("no active LoRA layer found: wrap the model with peft.get_peft_model(...) first")
     if rank is not None:
-        for name, layer, _ in layers:
-            if rank > min(layer.in_features, layer.out_features):
-                raise ConfigError(
-                    f"rank {rank} is larger than layer {name} ({layer.out_features}×{layer.in_features})"
-                )
+        check_ranks_fit(((name, layer) for name, layer, _ in layers), [("", rank)])
     distributed.check_knot_supported(model, layers, rank)  # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed
 
     # 1. check every delta before touching anything (from r×r Gram matrices: B·A is formed once, to merge it)
@@ -270,31 +254,31 @@ def tie_knot(
     old_params, replaced = [], {}
     for _, layer, adapter in layers:
         # 1. tie the knot
+        chain = layer_chain(layer)
         weight = layer.get_base_layer().weight
         use_master = precise if precise is not None else weight.dtype != torch.float32
-        if use_master and getattr(layer, "chainlora_master_weight", None) is None:
-            layer.chainlora_master_weight = master_copy(weight)
+        if use_master and chain.master_weight is None:
+            chain.master_weight = master_copy(weight)
         delta, bias_delta = link_delta(layer, adapter)
         _merge_into_base(layer, delta, bias_delta)
         if keep_links:
             bias = layer.lora_B[adapter].bias
-            layer.chainlora_links = [
-                *getattr(layer, "chainlora_links", []),
+            chain.links.append(
                 TiedLink(
                     lora_A=distributed.cpu_fp32_copy(layer.lora_A[adapter].weight),
                     lora_B=distributed.cpu_fp32_copy(layer.lora_B[adapter].weight),
                     scaling=float(layer.scaling[adapter]),
                     lora_B_bias=distributed.cpu_fp32_copy(bias) if bias is not None else None,
-                ),
-            ]
-        layer.chainlora_knots = getattr(layer, "chainlora_knots", 0) + 1
-        links_tied = layer.chainlora_knots
+                )
+            )
+        chain.knots += 1
+        links_tied = chain.knots
         # 2. extend the chain
         old_params += [*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()]
-        replaced |= _extend_link(layer, adapter, rank or layer.r[adapter], init, generator)
+        replaced |= extend_link(layer, adapter, rank or layer.r[adapter], init, generator)
 
     if rank is not None:
-        _record_rank_in_peft_config(model, rank)
+        set_peft_rank(model, rank)
     # 3. reset the optimizer
     if optimizer is not None:
         reset_optimizer_state(optimizer, old_params, replaced)
@@ -304,7 +288,7 @@ def tie_knot(
     )
 
 
-def _record_rank_in_peft_config(model: nn.Module, rank: int) -> None:
+def set_peft_rank(model: nn.Module, rank: int) -> None:
     """Keep ``peft_config`` truthful after a rank change, so ``save_pretrained`` writes a loadable adapter."""
     for config in getattr(model, "peft_config", {}).values():
         config.r = rank
@@ -322,122 +306,3 @@ def merge_chain(model: nn.Module) -> nn.Module:
             raise KnotError("refusing final merge: the current link is not finite")
         _merge_into_base(layer, delta, bias_delta)
     return model.unload() if hasattr(model, "unload") else model
-
-
-def chain_length(model: nn.Module) -> int:
-    """Number of links so far: knots tied + the current one."""
-    return max((getattr(layer, "chainlora_knots", 0) for _, layer, _ in lora_layers(model)), default=0) + 1
-
-
-# ------------------------------------------------------------------------------------------- schedule
-
-
-@dataclass(frozen=True)
-class ChainSchedule:
-    """Where the knots go and the rank of each link, in optimizer steps.
-
-    ``knots[i]`` is the optimizer step after which knot i+1 is tied (link 1 trains steps 1..knots[0]).
-    ``ranks`` (optional) gives the rank of every link, ``len(knots) + 1`` entries; ``None`` keeps the LoRA
-    config's rank. The total budget (``total_steps``) is the same as plain LoRA's: a schedule only splits it.
-    Validated on construction: sorted, unique knots strictly inside ``(0, total_steps)``, positive ranks.
-    """
-
-    knots: tuple[int, ...]
-    total_steps: int
-    ranks: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "knots", tuple(self.knots))
-        if self.ranks is not None:
-            object.__setattr__(self, "ranks", tuple(self.ranks))
-        if (
-            not isinstance(self.total_steps, int)
-            or isinstance(self.total_steps, bool)
-            or self.total_steps <= 0
-        ):
-            raise ConfigError(f"total_steps must be a positive integer, got {self.total_steps!r}")
-        for k in self.knots:
-            if not isinstance(k, int) or isinstance(k, bool):
-                raise ConfigError(f"knot {k!r} is not an integer optimizer step")
-            if not 0 < k < self.total_steps:
-                raise ConfigError(
-                    f"knot at step {k} is outside the training budget (1..{self.total_steps - 1})"
-                )
-        for a, b in zip(self.knots, self.knots[1:], strict=False):
-            if b == a:
-                raise ConfigError(f"duplicate knot at step {a}")
-            if b < a:
-                raise ConfigError(f"knots must be sorted: step {b} comes after step {a}")
-        if self.ranks is not None:
-            if len(self.ranks) != len(self.knots) + 1:
-                raise ConfigError(
-                    f"ranks {list(self.ranks)} has {len(self.ranks)} entries; a chain with {len(self.knots)} "
-                    f"knot(s) has {len(self.knots) + 1} links"
-                )
-            for r in self.ranks:
-                if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-                    raise ConfigError(f"link rank must be a positive integer, got {r!r}")
-
-    @classmethod
-    def even(
-        cls,
-        chain_length: int,
-        total_steps: int,
-        *,
-        steps_per_epoch: int | None = None,
-        ranks: Sequence[int] | None = None,
-    ) -> ChainSchedule:
-        """``chain_length`` links over ``total_steps``. With ``steps_per_epoch`` knots fall on epoch boundaries
-        as in the paper (5 epochs, length 2 → link 1 = epochs 1–3, link 2 = epochs 4–5: knot i after epoch
-        ⌈i·E/M⌉); otherwise on steps ``round(i·T/M)``."""
-        if not isinstance(chain_length, int) or chain_length < 1:
-            raise ConfigError(f"chain length must be a positive integer, got {chain_length!r}")
-        if steps_per_epoch:
-            epochs = math.ceil(total_steps / steps_per_epoch)
-            if chain_length > epochs:
-                raise ConfigError(
-                    f"chain length {chain_length} is longer than the {epochs} epoch(s) of training"
-                )
-            knots = [steps_per_epoch * math.ceil(i * epochs / chain_length) for i in range(1, chain_length)]
-        else:
-            if chain_length > total_steps:
-                raise ConfigError(
-                    f"chain length {chain_length} is longer than the {total_steps} training steps"
-                )
-            knots = [round(i * total_steps / chain_length) for i in range(1, chain_length)]
-        return cls(tuple(knots), total_steps, tuple(ranks) if ranks is not None else None)
-
-    @classmethod
-    def from_fractions(
-        cls, fractions: Sequence[float], total_steps: int, *, ranks: Sequence[int] | None = None
-    ) -> ChainSchedule:
-        """Knots at fractions of the budget, e.g. ``(0.6,)`` over 5 epochs = a knot after epoch 3."""
-        for f in fractions:
-            if not 0.0 < f < 1.0:
-                raise ConfigError(f"knot fraction {f!r} must be strictly between 0 and 1")
-        knots = tuple(round(f * total_steps) for f in fractions)
-        return cls(knots, total_steps, tuple(ranks) if ranks is not None else None)
-
-    @property
-    def chain_length(self) -> int:
-        return len(self.knots) + 1
-
-    def knot_due(self, step: int, loss: float | None = None) -> bool:
-        """True when a knot is to be tied right after optimizer step ``step``."""
-        return step in self.knots
-
-    def rank_of_link(self, link: int) -> int | None:
-        """Rank of the 1-based ``link`` (``None``: keep the configured rank)."""
-        return self.ranks[link - 1] if self.ranks is not None else None
-
-    def link_at(self, step: int) -> int:
-        """1-based index of the link that trains optimizer step ``step`` (steps start at 1)."""
-        return 1 + sum(1 for k in self.knots if k < step)
-
-    @classmethod
-    def auto(cls, total_steps: int, **kwargs) -> AutoChainSchedule:
-        """Adaptive knots (``knots: auto``): tie a knot when the current link stops improving; see
-        :class:`chainlora.schedules.AutoChainSchedule` for the arguments (``max_links``, ``min_link_steps``, ...)."""
-        from chainlora.schedules import AutoChainSchedule
-
-        return AutoChainSchedule(total_steps, **kwargs)

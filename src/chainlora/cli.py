@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import re
 import sys
 import typing
@@ -156,16 +155,13 @@ def _one_line(err: BaseException) -> str:
 def train_command(argv: list[str]) -> int | None:
     """Fine-tune a causal LM on a task with LoRA, COLA or full fine-tuning (--config FILE, --help)."""
     from chainlora.config import TrainConfig
-    from chainlora.recipes.train import CONFIG_FILE, train
+    from chainlora.recipes.train import train_command
+    from chainlora.rundir import CONFIG_FILE
 
     resume = _option_value(argv, "--resume")
     if resume is not None and (Path(resume) / CONFIG_FILE).is_file():
         argv = ["--config", str(Path(resume) / CONFIG_FILE), *argv]  # the run's own config is the base
-    config = parse_config(TrainConfig, argv, prog="chainlora train")
-    metrics = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, one summary, not one per process
-        _print_train_summary(metrics)
-    return 0
+    return train_command(parse_config(TrainConfig, argv, prog="chainlora train"))
 
 
 @command("eval")
@@ -262,26 +258,6 @@ def _no_arguments(name: str, argv: Sequence[str]) -> None:
         raise SystemExit(0)
     if argv:
         raise ConfigError(f"chainlora {name} takes no arguments, got {' '.join(argv)}")
-
-
-def _print_train_summary(metrics: dict[str, Any]) -> None:
-    metric = metrics.get("metric") or "score"
-    lines = [
-        f"{metrics['task']} · {metrics['method']} · {metrics['model']} · {metrics['num_eval']} test examples"
-    ]
-    if metrics.get("zero_shot_test_score") is not None:
-        lines.append(f"  0-shot     test {metric}: {metrics['zero_shot_test_score']:.4f}")
-    if metrics.get("test_score") is not None:
-        selected = f"step {metrics['selected_step']}"
-        if metrics.get("dev_score") is not None:
-            selected += f", by {metrics['selection']}; dev {metric} {metrics['dev_score']:.4f}"
-        lines.append(f"  fine-tuned test {metric}: {metrics['test_score']:.4f}   ({selected})")
-    lines.append(
-        f"  trained {metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, "
-        f"{metrics['train_flops']:.3g} FLOPs; knots at {[k['step'] for k in metrics['knots']] or 'none'}"
-    )
-    lines.append(f"  run: {metrics['run_dir']} (final/ = merged model, metrics.json, loss.png, tb/)")
-    print("\n".join(lines))
 
 
 def _usage() -> str:

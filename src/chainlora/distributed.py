@@ -3,7 +3,7 @@
 **DDP** (``torchrun`` / ``accelerate launch`` with the HF ``Trainer``): every process holds the whole model
 and DDP all-reduces the gradients, so every process holds bit-identical links. Every process ties the same knot at
 the same step (the schedule is a function of the step), merges the same ``s·B·A``, draws the same new A (from
-``knot_generator(seed, link)``) and clears its own optimizer state. :func:`sync_replicas` then checks a
+``callback.knot_generator(seed, link)``) and clears its own optimizer state. :func:`sync_replicas` then checks a
 fingerprint of the chained tensors across processes (one small ``all_gather``) and, should the replicas differ,
 broadcasts them from rank 0 with a warning.
 
@@ -45,6 +45,8 @@ except ImportError:  # older torch, or a build without torch.distributed: nothin
 
 
 from chainlora.errors import ConfigError
+from chainlora.links import chain_length, layer_chains, lora_layers
+from chainlora.schedules import KnotSchedule
 
 if TYPE_CHECKING:
     from peft.tuners.lora import Linear as LoraLinear
@@ -209,8 +211,6 @@ def _check_engine(model: nn.Module) -> None:
     if any(isinstance(m, FullyShardedDataParallel) for m in modules):
         raise ConfigError(FSDP1)
     if any(isinstance(m, fsdp2) for m in modules):
-        from chainlora.chain import lora_layers
-
         for name, layer, adapter in lora_layers(model):
             params = [
                 layer.get_base_layer().weight,
@@ -237,22 +237,16 @@ def check_knot_supported(
         raise ConfigError(RANK_CHANGE.format(what=f"{sorted(changing)} → {rank}", n=world_size()))
 
 
-def _scheduled_ranks(schedule: Any, first_link: int) -> Iterator[tuple[int, int]]:
+def _scheduled_ranks(schedule: KnotSchedule, first_link: int) -> Iterator[tuple[int, int]]:
     """``(link, rank)`` for the scheduled links from ``first_link`` on that name a rank."""
-    last = getattr(schedule, "max_links", None) or getattr(schedule, "chain_length", None)
-    if not isinstance(last, int):
-        last = first_link + 63  # a schedule that does not say how long the chain can grow: probe ahead
-    for link in range(first_link, last + 1):
-        try:
-            rank = schedule.rank_of_link(link)
-        except IndexError:
-            return
+    for link in range(first_link, schedule.max_links + 1):
+        rank = schedule.rank_of_link(link)
         if rank is not None:
             yield link, rank
 
 
 def check_rank_schedule(
-    schedule: Any, ranks: int | Iterable[int], *, processes: int | None = None, first_link: int = 1
+    schedule: KnotSchedule, ranks: int | Iterable[int], *, processes: int | None = None, first_link: int = 1
 ) -> None:
     """Refuse, with more than one process, a schedule whose links from ``first_link`` on change the rank.
 
@@ -269,7 +263,7 @@ def check_rank_schedule(
             raise ConfigError(RANK_CHANGE.format(what=what, n=processes))
 
 
-def check_training_setup(model: nn.Module, schedule: Any, args: Any = None) -> None:
+def check_training_setup(model: nn.Module, schedule: KnotSchedule, args: Any = None) -> None:
     """Fail before the first step on a distributed set-up a knot cannot handle (see the module docstring).
 
     Run by the callback's ``on_train_begin``, after a resume restored the chain: only the links still to come
@@ -280,8 +274,6 @@ def check_training_setup(model: nn.Module, schedule: Any, args: Any = None) -> N
     ):
         raise ConfigError(DEEPSPEED)
     _check_engine(model)
-    from chainlora.chain import chain_length, lora_layers
-
     current = {layer.r[adapter] for _, layer, adapter in lora_layers(model)}
     check_rank_schedule(schedule, current, first_link=chain_length(model) + 1)
 
@@ -291,15 +283,13 @@ def check_training_setup(model: nn.Module, schedule: Any, args: Any = None) -> N
 
 def _chain_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The replicated (not sharded) tensors a knot writes: base weight, bias, fp32 master, A, B, B's bias."""
-    from chainlora.chain import lora_layers
-
     tensors = []
-    for _, layer, adapter in lora_layers(model):
+    for _, layer, adapter, chain in layer_chains(model):
         base = layer.get_base_layer()
         candidates = [
             base.weight,
             base.bias,
-            getattr(layer, "chainlora_master_weight", None),
+            chain.master_weight,
             layer.lora_A[adapter].weight,
             layer.lora_B[adapter].weight,
             layer.lora_B[adapter].bias,

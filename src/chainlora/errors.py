@@ -15,3 +15,7 @@ class DataError(ChainLoRAError, ValueError):
 
 class ModelNotAvailableError(ChainLoRAError):
     """A model cannot be found or loaded (missing package, bad path)."""
+
+
+class KnotError(ChainLoRAError):
+    """A knot was refused (non-finite or exploding delta, unsupported layer); the model was left unchanged."""

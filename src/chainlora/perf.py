@@ -1,8 +1,8 @@
 """Speed settings for training and scoring, chosen from the measurements in ``bench/`` (see BENCHMARKS.md).
 
-One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run
-(``chainlora train`` resolves ``precision: auto``, ``base_dtype: auto``, the AdamW kernel and length grouping
-from here, see ``recipes.train.resolve_speed``; it does not compile):
+One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run:
+:func:`speed_defaults` gives a device's :class:`Speed`, and :func:`resolve_speed` makes a train config's
+``auto`` settings concrete with it (``chainlora train`` records the result under ``speed`` in metrics.json):
 
 * ``bf16`` autocast where the hardware has native bf16 matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16),
   with the frozen base stored in bf16 too (no weight cast every step, half the weight memory) and the LoRA
@@ -26,7 +26,17 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from chainlora.config import TrainConfig
+from chainlora.config.train import Precision
+from chainlora.errors import ConfigError
+
+Batching = Literal["rows", "shared_prompt"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "sgd": "sgd",
+    "adagrad": "adagrad",
+}  # config name -> TrainingArguments.optim
 
 
 def bf16_supported(device: str | torch.device) -> bool:
@@ -55,19 +65,21 @@ def fused_adamw_supported(device: str | torch.device) -> bool:
 
 
 @dataclass(frozen=True)
-class SpeedDefaults:
-    """What a training run on one device should use (fields mirror TrainingArguments where they exist)."""
+class Speed:
+    """How a training run computes. :func:`speed_defaults` gives a device's fastest settings, :func:`resolve_speed`
+    a train config's; ``metrics.json`` records them under ``speed`` (these fields, in this order)."""
 
     precision: Precision  # autocast dtype
-    base_dtype: Precision  # dtype to load the frozen base in (LoRA parameters and optimizer state stay fp32)
-    optim: str  # TrainingArguments.optim: "adamw_torch_fused" or "adamw_torch"
-    torch_compile: bool  # compile the model (CUDA only by default, see the module docstring)
-    group_by_length: bool  # length-grouped training batches
+    base_dtype: Precision  # dtype of the frozen base (LoRA weights, gradients, optimizer state stay fp32)
+    optim: str  # TrainingArguments.optim: "adamw_torch_fused", "adamw_torch", "sgd" or "adagrad"
+    compiled: bool = False  # torch.compile of the model (CUDA only by default, see the module docstring)
+    batching: Batching = "rows"  # one row per candidate (the harness) or per example (shared prompt)
+    group_by_length: bool = True  # length-grouped training batches
 
     @property
     def torch_base_dtype(self) -> torch.dtype:
         """``base_dtype`` as a torch dtype, for ``chainlora.models.load(..., dtype=...)``."""
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.base_dtype]
+        return DTYPES[self.base_dtype]
 
     def training_arguments(self) -> dict[str, object]:
         """Keyword arguments for ``transformers.TrainingArguments`` (the sampler is set by the recipe)."""
@@ -75,20 +87,44 @@ class SpeedDefaults:
             "bf16": self.precision == "bf16",
             "fp16": self.precision == "fp16",
             "optim": self.optim,
-            "torch_compile": self.torch_compile,
+            "torch_compile": self.compiled,
         }
 
 
-def speed_defaults(device: str | torch.device) -> SpeedDefaults:
+def speed_defaults(device: str | torch.device) -> Speed:
     """The measured-fastest settings for ``device`` (see BENCHMARKS.md for the figures behind each)."""
     device = torch.device(device)
     precision: Precision = "bf16" if bf16_supported(device) else "fp32"
-    return SpeedDefaults(
+    return Speed(
         precision=precision,
         base_dtype=precision,
         optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
-        torch_compile=device.type == "cuda",
-        group_by_length=True,
+        compiled=device.type == "cuda",
+    )
+
+
+def resolve_speed(config: TrainConfig) -> Speed:
+    """``precision``/``base_dtype``/``compile`` ``auto`` → :func:`speed_defaults` of the training device; AdamW
+    fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = speed_defaults(device)
+    precision = defaults.precision if config.precision == "auto" else config.precision
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision: fp16 autocast needs a GPU; use bf16 or fp32 on the CPU")
+    if config.method == "full":
+        base_dtype = "fp32"  # the trained weights and their AdamW state stay fp32
+    else:
+        base_dtype = precision if config.base_dtype == "auto" else config.base_dtype
+    optim = OPTIMIZERS[config.optimizer]
+    if config.optimizer == "adamw" and defaults.optim == "adamw_torch_fused":
+        optim = "adamw_torch_fused"
+    compiled = defaults.compiled if config.compile == "auto" else config.compile == "on"
+    return Speed(
+        precision=precision,
+        base_dtype=base_dtype,
+        optim=optim,
+        compiled=compiled,
+        group_by_length=config.group_by_length,
     )
 
 

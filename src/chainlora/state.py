@@ -19,16 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from chainlora import distributed
-from chainlora.chain import (
-    KnotRecord,
-    TiedLink,
-    _extend_link,
-    _record_rank_in_peft_config,
-    lora_layers,
-    master_copy,
-)
+from chainlora.chain import KnotRecord, extend_link, master_copy, set_peft_rank
 from chainlora.errors import ChainLoRAError, ConfigError
 from chainlora.io import atomic_path
+from chainlora.links import TiedLink, layer_chain, layer_chains, lora_layers
 
 CHAIN_STATE_FILE = "chainlora_chain.safetensors"
 FORMAT = "chainlora-chain-v1"
@@ -40,9 +34,9 @@ def _chain_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     Per LoRA layer: base weight (the fp32 master when kept) and bias, current A/B (and B's bias), the number of
     knots, and each tied link. Tensors are as this process holds them (an FSDP2 shard stays a shard).
     """
-    for name, layer, adapter in lora_layers(model):
+    for name, layer, adapter, chain in layer_chains(model):
         base = layer.get_base_layer()
-        master = getattr(layer, "chainlora_master_weight", None)
+        master = chain.master_weight
         yield f"{name}/base_weight", master if master is not None else base.weight
         yield f"{name}/master", torch.tensor(master is not None)
         if base.bias is not None:
@@ -51,8 +45,8 @@ def _chain_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{name}/lora_B", layer.lora_B[adapter].weight
         if layer.lora_B[adapter].bias is not None:
             yield f"{name}/lora_B_bias", layer.lora_B[adapter].bias
-        yield f"{name}/knots", torch.tensor(getattr(layer, "chainlora_knots", 0))
-        for i, link in enumerate(getattr(layer, "chainlora_links", [])):  # whole, on the CPU already
+        yield f"{name}/knots", torch.tensor(chain.knots)
+        for i, link in enumerate(chain.links):  # whole, on the CPU already
             yield f"{name}/link{i}/lora_A", link.lora_A
             yield f"{name}/link{i}/lora_B", link.lora_B
             yield f"{name}/link{i}/scaling", torch.tensor(link.scaling, dtype=torch.float64)
@@ -123,7 +117,7 @@ def load_chain_state(model: nn.Module, directory: str | Path) -> list[KnotRecord
             _restore_layer(f, keys, name, layer, adapter, path)
     ranks = {layer.r[adapter] for _, layer, adapter in layers}
     if len(ranks) == 1:
-        _record_rank_in_peft_config(model, ranks.pop())
+        set_peft_rank(model, ranks.pop())
     return [KnotRecord(**k) for k in json.loads(metadata.get("knots", "[]"))]
 
 
@@ -137,11 +131,12 @@ def _restore_layer(f: Any, keys: set[str], name: str, layer: Any, adapter: str, 
                 f"{path}: {name} was saved with rank {saved_rank}, the sharded model has rank "
                 f"{layer.r[adapter]}; build the LoRA model with the saved rank before FSDP shards it"
             )
-        _extend_link(layer, adapter, saved_rank, "gaussian", None)
+        extend_link(layer, adapter, saved_rank, "gaussian", None)
+    chain = layer_chain(layer)
     weight = f.get_tensor(f"{name}/base_weight")
     if bool(f.get_tensor(f"{name}/master")):
-        layer.chainlora_master_weight = master_copy(base.weight)  # placed (and sharded) as tie_knot places it
-        distributed.copy_full_(layer.chainlora_master_weight, weight)
+        chain.master_weight = master_copy(base.weight)  # placed (and sharded) as tie_knot places it
+        distributed.copy_full_(chain.master_weight, weight)
     distributed.copy_full_(base.weight, weight)
     if base.bias is not None:
         distributed.copy_full_(base.bias, f.get_tensor(f"{name}/base_bias"))
@@ -149,9 +144,9 @@ def _restore_layer(f: Any, keys: set[str], name: str, layer: Any, adapter: str, 
     distributed.copy_full_(layer.lora_B[adapter].weight, f.get_tensor(f"{name}/lora_B"))
     if layer.lora_B[adapter].bias is not None:
         distributed.copy_full_(layer.lora_B[adapter].bias, f.get_tensor(f"{name}/lora_B_bias"))
-    layer.chainlora_knots = int(f.get_tensor(f"{name}/knots"))
+    chain.knots = int(f.get_tensor(f"{name}/knots"))
     links = sum(1 for k in keys if k.startswith(f"{name}/link") and k.endswith("/lora_A"))
-    layer.chainlora_links = [
+    chain.links = [
         TiedLink(
             lora_A=f.get_tensor(f"{name}/link{i}/lora_A"),
             lora_B=f.get_tensor(f"{name}/link{i}/lora_B"),

@@ -14,8 +14,7 @@ import torch
 from chainlora.config import EvalConfig
 from chainlora.errors import ConfigError
 from chainlora.io import write_json_atomic
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from chainlora.perf import DTYPES
 
 
 def evaluate_model(config: EvalConfig) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def score_adapters(run_dir: str, adapters: dict[str, str], *, batch_size: int = 
     from peft import PeftModel
 
     from chainlora import models, tasks
-    from chainlora.recipes.train import load_run_config
+    from chainlora.rundir import load_run_config
 
     config = load_run_config(run_dir)
     task = tasks.get_task(config.task)

@@ -64,9 +64,8 @@ class KnotDecision:
 class AutoChainSchedule:
     """Knots where the current link stops improving, within the plain-LoRA step budget.
 
-    Implements the ``KnotSchedule`` protocol of :class:`chainlora.ChainOfLoRACallback` (``knot_due``,
-    ``rank_of_link``, ``total_steps``) plus ``observe``/``observe_dev`` (the inputs) and
-    ``state_dict``/``load_state_dict`` (resume).
+    A :class:`~chainlora.schedules.KnotSchedule`: ``observe``/``observe_dev`` are its inputs, ``knot_due``
+    decides, ``decisions`` says why, ``state_dict``/``load_state_dict`` carry it across a resume.
 
     Invariants, whatever the observed values: consecutive knots are at least ``min_link_steps`` apart, the
     first knot is at step ≥ ``min_link_steps``, the last one at step ≤ ``total_steps - min_link_steps``, and
@@ -88,6 +87,8 @@ class AutoChainSchedule:
         signal: which signal ties a knot: ``"loss"``, ``"dev"`` (only dev evaluations) or ``"either"``.
         dev_patience: dev evaluations since the last knot without a new best dev score that count as a stall.
     """
+
+    adaptive = True  # decides from the observed losses (see KnotSchedule)
 
     def __init__(
         self,

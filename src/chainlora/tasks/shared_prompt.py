@@ -8,7 +8,7 @@ so one row per example (the prefix) gives every candidate's score: the same loss
 
     view = shared_prompt_view(train_set)          # None unless every example qualifies
     sampler = tasks.length_grouped_sampler(view, batch_size)
-    loss = shared_prompt_loss(model, SharedPromptCollator(tokenizer)(items))   # == tasks.compute_loss
+    loss = shared_prompt_loss(model, SharedPromptCollator(tokenizer)(items))   # == the rows' loss
 
 Length-grouped batches themselves come from the library: ``chainlora.tasks.length_grouped_sampler`` is HF's
 ``LengthGroupedSampler`` over the real lengths (a view's ``lengths`` work the same way).
@@ -88,8 +88,8 @@ class SharedPromptCollator:
 
 def shared_prompt_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy over the candidates' log-probs, read from the last prefix position: equal to
-    ``chainlora.tasks.compute_loss`` on the full classification batch (a single-token option's mean
-    log-prob is that token's log-prob)."""
+    ``chainlora.tasks.training.rows_loss`` on the full classification batch (a single-token option's mean
+    log-prob is that token's log-prob). ``chainlora.tasks.compute_loss`` dispatches to it."""
     attention_mask = batch["attention_mask"]
     logits = model(
         input_ids=batch["input_ids"],
@@ -102,13 +102,3 @@ def shared_prompt_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -
     tokens = batch["candidate_tokens"].to(log_probs.device)  # (examples, candidates), -1 = none
     scores = log_probs.gather(-1, tokens.clamp(min=0)).masked_fill(tokens < 0, float("-inf"))
     return F.cross_entropy(scores, batch["labels"].to(scores.device))
-
-
-def batch_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The harness's training loss of either batch form: a ``SharedPromptCollator`` batch (has
-    ``candidate_tokens``) or a ``chainlora.tasks.TrainingCollator`` one. Both give the same number."""
-    if "candidate_tokens" in batch:
-        return shared_prompt_loss(model, batch)
-    from chainlora import tasks
-
-    return tasks.compute_loss(model, batch)

@@ -35,9 +35,11 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from chainlora.seeding import derived_generator
 from chainlora.tasks.base import Example, Objective, Task
 from chainlora.tasks.encoding import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS, encode_examples
 from chainlora.tasks.scoring import left_pad, position_ids_from_mask
+from chainlora.tasks.shared_prompt import shared_prompt_loss
 
 
 class TrainingDataset(Dataset):
@@ -133,6 +135,16 @@ def option_token_log_probs(
 
 
 def compute_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The harness's training loss of either batch form: a ``SharedPromptCollator`` batch (it has
+    ``candidate_tokens``: :func:`~chainlora.tasks.shared_prompt.shared_prompt_loss`) or a ``TrainingCollator`` one
+    (:func:`rows_loss`). Both forms of the same examples give the same number; this is the one training loss
+    (``TaskTrainer`` and the recipes' dev loss call it)."""
+    if "candidate_tokens" in batch:
+        return shared_prompt_loss(model, batch)
+    return rows_loss(model, batch)
+
+
+def rows_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The harness's training loss for a ``TrainingCollator`` batch (classification if ``candidate_counts``)."""
     token_log_probs, is_option = option_token_log_probs(
         model, batch["input_ids"], batch["attention_mask"], batch["option_lengths"]
@@ -169,7 +181,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.epoch = int(epoch)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = derived_generator(self.seed, self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 

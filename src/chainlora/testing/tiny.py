@@ -130,7 +130,7 @@ def lora_on_qv(model: PreTrainedModel, r: int = 8, **kwargs) -> PeftModel:
 
 def perturb_links(model: torch.nn.Module, scale: float = 0.05) -> None:
     """Give every link a non-zero B (and bias), so merge/equality checks cannot pass trivially (B starts at 0)."""
-    from chainlora.chain import lora_layers
+    from chainlora.links import lora_layers
 
     with torch.no_grad():
         for _, layer, adapter in lora_layers(model):

@@ -1,0 +1,256 @@
+"""The HF ``Trainer`` of ``chainlora train``: its arguments, the LR schedule, dev evaluation and the run's callbacks.
+
+    training_arguments(config, ...)   the TrainingArguments of a run (checkpoints under RUN_DIR/checkpoints)
+    LinkLR                            the LR multiplier, a pure function of the optimizer step
+    RunTrainer                        the task's loss (``chainlora.tasks``), the pure LR schedule, analytic FLOPs,
+                                      dev loss and dev score per evaluation, the non-finite guard per micro-batch
+    RunCallback                       the best dev state in best/, knots in TensorBoard, training time across resumes
+    CheckpointSeal                    the last callback: seals each checkpoint (``chainlora.rundir``)
+
+Everything a run's state depends on is a function of the step or restored from the checkpoint (the LR, the chain,
+the best-dev record re-derived from the log history), so a resumed run replays an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from chainlora import rundir, tasks
+from chainlora.callback import ChainOfLoRACallback
+from chainlora.config import TrainConfig
+from chainlora.errors import ConfigError
+from chainlora.faults import maybe_crash
+from chainlora.guards import NonFiniteGuard
+from chainlora.perf import Speed
+from chainlora.recipes.flops import flop_model, step_flops
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, speed: Speed) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run: the config's budget and optimizer, ``speed``'s precision, kernel and
+    compilation, dev evaluation and a checkpoint every epoch (or every ``save_steps``)."""
+    kwargs: dict[str, Any] = {
+        "output_dir": str(run_dir / rundir.CHECKPOINTS_DIR),
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps or -1,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.lr,
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "eval_strategy": "epoch" if config.num_dev != 0 else "no",
+        "save_strategy": "steps" if config.save_steps else "epoch",
+        "save_total_limit": 2,  # the newest can be incomplete (killed while saving): keep one more
+        "logging_strategy": "steps",
+        "logging_steps": config.logging_steps,
+        "report_to": [],
+        "seed": config.train_seed,
+        "data_seed": config.train_seed,
+        **speed.training_arguments(),
+        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    if config.save_steps:
+        kwargs["save_steps"] = config.save_steps
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as err:  # e.g. a precision this machine cannot run
+        raise ConfigError(f"training arguments: {str(err).splitlines()[0]}") from None
+
+
+@dataclass(frozen=True)
+class LinkLR:
+    """The LR multiplier as a pure function of the optimizer step (so a resumed run gets exactly the same LR).
+
+    ``linear``: warmup then linear decay to 0 over the whole run (HF's ``linear``); ``constant``: warmup then 1;
+    ``jagged``: the linear schedule restarted at every knot, with its own warmup per link. ``warmup`` < 1 is a
+    fraction (of the run, or of each link for ``jagged``), else a number of steps.
+    """
+
+    kind: str
+    total_steps: int
+    warmup: float = 0.0
+    knots: tuple[int, ...] = ()
+
+    def __call__(self, step: int) -> float:
+        start, end = 0, self.total_steps
+        if self.kind == "jagged":
+            start = max((k for k in self.knots if k <= step), default=0)
+            end = min((k for k in self.knots if k > step), default=self.total_steps)
+        length, t = end - start, step - start
+        warmup = math.ceil(self.warmup * length) if self.warmup < 1 else min(int(self.warmup), length)
+        if t < warmup:
+            return t / max(1, warmup)
+        if self.kind == "constant":
+            return 1.0
+        return max(0.0, (length - t) / max(1, length - warmup))
+
+
+@torch.no_grad()
+def dataset_loss(model: torch.nn.Module, dataset: Any, collator: Callable, batch_size: int) -> float:
+    """The training loss over ``dataset`` (the dev loss), averaged over examples; the model's mode is kept."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collator(items).items()}
+            total += float(tasks.compute_loss(model, batch)) * len(items)
+            count += len(items)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+class RunTrainer(tasks.TaskTrainer):
+    """``tasks.TaskTrainer`` (the task's loss for either batch form, length-grouped batches seeded per epoch) with
+    the pure LR schedule ``lr_lambda``, analytic FLOPs, dev evaluation (``eval_loss``: the training loss on dev,
+    ``eval_score``: ``dev_score(model)``, the task's metric) and ``nonfinite_guard`` fed every micro-batch loss."""
+
+    def __init__(
+        self,
+        *args: Any,
+        lr_lambda: LinkLR,
+        nonfinite_guard: NonFiniteGuard,
+        dev_score: Callable[[torch.nn.Module], float],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr_lambda = lr_lambda
+        self.nonfinite_guard = nonfinite_guard
+        self.dev_score = dev_score
+        self.model_accepts_loss_kwargs = False  # the loss ignores num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe_loss(loss)
+        maybe_crash("mid_step")
+        return loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if num_training_steps != self.lr_lambda.total_steps:
+            raise ConfigError(
+                f"the LR schedule was built for {self.lr_lambda.total_steps} steps, the Trainer runs {num_training_steps}"
+            )
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.lr_lambda)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Analytic training FLOPs of this micro-batch at the current link's rank (see recipes.flops)."""
+        sequences, seq_len = inputs["input_ids"].shape
+        return step_flops(flop_model(self.model), sequences, seq_len)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Dev evaluation: the task score (``eval_score``) and the training loss on dev (``eval_loss``)."""
+        metrics = {
+            f"{metric_key_prefix}_loss": dataset_loss(
+                self.model, self.eval_dataset, self.data_collator, self.args.per_device_eval_batch_size
+            ),
+            f"{metric_key_prefix}_score": float(self.dev_score(self.model)),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+SELECTION_KEYS = {"dev_loss": "eval_loss", "dev_score": "eval_score"}  # what each `selection` compares
+
+
+class RunCallback(TrainerCallback):
+    """Keeps the best dev state in ``best/``, logs knots as TensorBoard scalars, and times training across resumes.
+
+    ``selection`` (``dev_loss``, ``dev_score`` or ``last``) says which state is best; the best record is
+    re-derived from the (restored) log history at the start of every session, so it needs no file of its own.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        selection: str,
+        full: bool,
+        chain: ChainOfLoRACallback | None,
+        tb_writer: Any = None,
+        resumed_from: Path | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.key = SELECTION_KEYS.get(selection)  # None: the last state is tested, nothing to keep
+        self.lower_is_better = selection == "dev_loss"
+        self.full = full  # full fine-tuning: best/ holds every weight, not the chain
+        self.chain = chain
+        self.tb_writer = tb_writer
+        self.resumed_from = resumed_from
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.knots_logged = 0
+        self.seconds_before = 0.0
+        self.started = time.perf_counter()
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.lower_is_better else value > self.best
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.started = time.perf_counter()
+        for entry in state.log_history:
+            if self.key and self.key in entry and self._is_better(entry[self.key]):
+                self.best, self.best_step = entry[self.key], entry["step"]
+        self.knots_logged = len(self.chain.knots) if self.chain else 0
+        self.seconds_before = rundir.train_seconds_at(self.resumed_from)
+
+    @property
+    def train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def on_step_end(self, args, state, control, **kw):
+        """Knots as TensorBoard scalars at their exact step (``trainer.log`` here would swallow the step's loss)."""
+        if self.chain is None:
+            return
+        for record in self.chain.knots[self.knots_logged :]:
+            if self.tb_writer is not None:
+                self.tb_writer.add_scalar("chain/knot_link", record.link, record.step)
+                self.tb_writer.add_scalar("chain/next_rank", record.next_rank, record.step)
+                self.tb_writer.add_scalar("chain/knot_delta_norm", record.delta_norm, record.step)
+        self.knots_logged = len(self.chain.knots)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        if self.key is None or not metrics or not self._is_better(metrics[self.key]):
+            return
+        self.best, self.best_step = metrics[self.key], state.global_step
+        if args.should_save:
+            rundir.save_best_state(self.run_dir, model, state.global_step, metrics, full=self.full)
+
+    def on_save(self, args, state, control, **kw):
+        if args.should_save:
+            rundir.save_train_seconds(
+                rundir.checkpoint_dir(args.output_dir, state.global_step), self.train_seconds
+            )
+
+
+class CheckpointSeal(TrainerCallback):
+    """Seals each checkpoint (``rundir.seal_checkpoint``); must be the Trainer's last callback, so that it
+    runs after the chain state and the run's files are written into the checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its part (e.g. its RNG state)
+        if args.should_save:
+            rundir.seal_checkpoint(rundir.checkpoint_dir(args.output_dir, state.global_step))
