@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from chainlora.cli import main, parse_config
-from chainlora.config import EvalConfig, TrainConfig
+from chainlora.cli import main
+from chainlora.config import EvalConfig, TrainConfig, parse_config
 from chainlora.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -10,8 +10,7 @@ import math
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chainlora.cli import parse_config
-from chainlora.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig
+from chainlora.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig, parse_config
 from chainlora.errors import ConfigError
 
 TOP = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("lora", "chain")]

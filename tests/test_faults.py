@@ -3,7 +3,7 @@ random moments, then resumed with ``--resume``, ends with the very weights of an
 numerical faults: a NaN loss/gradient is skipped (no update at all) or halts the run; an exploding knot halts
 it; gradient clipping is on.
 
-The runs are processes forked from a pre-imported server (``chainlora.faults.run_cli``: the same
+The runs are processes forked from a pre-imported server (``chainlora.testing.faults.run_cli``: the same
 ``chainlora.cli.main`` as ``python -m chainlora``, without paying the imports for every run); a fault is
 injected with ``CHAINLORA_FAULT=<point>:<n>`` (see ``chainlora.faults``) or by killing the process from here.
 """
@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from chainlora import tasks
-from chainlora.cli import main, parse_config
-from chainlora.config import TrainConfig
-from chainlora.faults import run_cli, start_cli
+from chainlora.cli import main
+from chainlora.config import TrainConfig, parse_config
 from chainlora.recipes.train import train
 from chainlora.rundir import COMPLETE_MARKER, latest_checkpoint, seal_checkpoint
 from chainlora.state import CHAIN_STATE_FILE
+from chainlora.testing.faults import run_cli, start_cli
 
 KILLED = -signal.SIGKILL
 TASK = "cb"

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chainlora import perf, tasks
-from chainlora.cli import main, parse_config
-from chainlora.config import TrainConfig
+from chainlora.cli import main
+from chainlora.config import TrainConfig, parse_config
 from chainlora.links import layer_chain, lora_layers
 from chainlora.perf import resolve_speed
 from chainlora.recipes.train import train

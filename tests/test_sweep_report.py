@@ -21,26 +21,28 @@ import yaml
 from scipy import stats
 
 from chainlora.errors import ConfigError
-from chainlora.recipes.report import (
-    Report,
-    load_sweep,
-    paired_test,
-    select_learning_rates,
-    write_report,
-)
-from chainlora.recipes.sweep import (
-    PLAN_FILE,
-    STATE_FILE,
-    SweepRunner,
+from chainlora.recipes.grid import (
+    RunSpec,
     expand_grid,
     format_number,
     load_sweep_config,
     run_name,
-    run_sweep,
     sweep_config_from_dict,
-    train_command,
-    worker_env,
 )
+from chainlora.recipes.report import (
+    chain_length_table,
+    main_table,
+    paired_comparisons,
+    paired_table,
+    runs_tested_before_first_knot,
+    stepdown_table,
+    write_report,
+)
+from chainlora.recipes.results import SweepResults, load_sweep, select_learning_rates
+from chainlora.recipes.stats import paired_test
+from chainlora.recipes.sweep import SweepRunner, run_sweep, train_command, worker_env
+from chainlora.rundir import SWEEP_PLAN_FILE as PLAN_FILE
+from chainlora.rundir import SWEEP_STATE_FILE as STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
@@ -71,10 +73,10 @@ def test_grid_expansion_normalises_and_deduplicates():
     grid = {
         "task": ["sst2", "rte"],
         "method": ["lora", "cola", "full"],
-        "chain_length": [1, 2, 3],
+        "chain.length": [1, 2, 3],
         "ranks": [[8], [8, 4]],
         "optimizer": ["adamw"],
-        "learning_rate": {"lora": [5e-4, 1e-4], "cola": [5e-4], "full": [1e-5]},
+        "lr": {"lora": [5e-4, 1e-4], "cola": [5e-4], "full": [1e-5]},
         "seed": [0, 1],
     }
     runs = expand_grid(grid, {})
@@ -110,28 +112,70 @@ def test_grid_expansion_normalises_and_deduplicates():
 
 def test_grid_union_extra_axes_and_errors():
     grid = [
-        {"task": "cb", "method": "lora", "learning_rate": 1e-4, "seed": [0], "num_train": [16, 32]},
-        {"task": "cb", "method": "lora", "learning_rate": 1e-4, "seed": [0], "num_train": [16]},
+        {"task": "cb", "method": "lora", "lr": 1e-4, "seed": [0], "num_train": [16, 32]},
+        {"task": "cb", "method": "lora", "lr": 1e-4, "seed": [0], "num_train": [16]},
     ]
     names = [r.name for r in expand_grid(grid, {})]
     assert names == ["cb/lora-n16/default-lr1e-4/seed0", "cb/lora-n32/default-lr1e-4/seed0"]
     with pytest.raises(ConfigError, match="fits no COLA chain"):
         expand_grid(
-            {"task": "cb", "method": "cola", "chain_length": 3, "ranks": [[8, 4]], "seed": 0}, {"lr": 1}
+            {"task": "cb", "method": "cola", "chain.length": 3, "ranks": [[8, 4]], "seed": 0}, {"lr": 1}
         )
     with pytest.raises(ConfigError, match="unknown method"):
         expand_grid({"task": "cb", "method": "dora", "seed": 0}, {"lr": 1e-4})
     with pytest.raises(ConfigError, match="no entry for method"):
-        expand_grid({"task": "cb", "method": "full", "seed": 0, "learning_rate": {"lora": [1e-4]}}, {})
+        expand_grid({"task": "cb", "method": "full", "seed": 0, "lr": {"lora": [1e-4]}}, {})
     with pytest.raises(ConfigError, match="unknown sweep option"):
         sweep_config_from_dict({"grid": {"task": "cb", "method": "lora", "seed": 0}, "sweep": {"wokers": 2}})
+
+
+def test_old_axis_names_are_read_as_train_config_fields():
+    """``learning_rate`` / ``chain_length`` (sweep files written before the rename) are ``lr`` / ``chain.length``:
+    the same runs, the same folder names, so a sweep started with the old names resumes with the new ones."""
+    new = {"task": "rte", "method": ["lora", "cola"], "chain.length": [2, 3], "lr": [5e-4, 1e-4], "seed": [0]}
+    old = {"task": "rte", "method": ["lora", "cola"], "chain_length": [2, 3], "learning_rate": [5e-4, 1e-4]}
+    assert expand_grid(new, {}) == expand_grid({**old, "seed": [0]}, {})
+    assert [r.name for r in expand_grid(new, {})][:2] == [
+        "rte/lora/default-lr5e-4/seed0",
+        "rte/lora/default-lr1e-4/seed0",
+    ]
+    with pytest.raises(ConfigError, match="given twice"):
+        expand_grid({**new, "learning_rate": [1e-3]}, {})
+
+
+def test_a_plan_written_with_the_old_axis_names_still_loads_and_reports(tmp_path):
+    root = tmp_path / "old"
+    spec = expand_grid({"task": "cb", "method": "cola", "chain.length": 2, "lr": 5e-4, "seed": 0}, {})[0]
+    old_entry = spec.to_json()
+    old_entry["learning_rate"] = old_entry.pop("lr")  # how sweep_plan.json spelled it before
+    assert RunSpec.from_json(old_entry) == spec
+    (root / spec.name).mkdir(parents=True)
+    (root / spec.name / "metrics.json").write_text(json.dumps({"dev_score": 0.7, "test_score": 0.6}))
+    plan = {"base": {}, "grid": {"task": "cb", "chain_length": 2, "learning_rate": 5e-4}, "runs": [old_entry]}
+    (root / PLAN_FILE).write_text(json.dumps(plan))
+    (result,) = load_sweep(root).results
+    assert (result.name, result.lr, result.chain_length) == (spec.name, 5e-4, 2)
+    assert "| 5e-4 |" in write_report(root).read_text()
+
+
+def test_the_command_line_overrides_the_sweep_block_field_by_field(tmp_path, fake_python, capsys):
+    from chainlora.cli import main
+
+    python, calls = fake_python
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_small_sweep(tmp_path, python, workers=1, env={"A": 1})))
+    assert main(["sweep", str(path), "--workers", "2", "--dry_run"]) == 0
+    assert "--output_dir" in capsys.readouterr().out and calls() == []  # a dry run starts nothing
+    options = json.loads((tmp_path / "sweep" / PLAN_FILE).read_text())["options"]
+    assert options["workers"] == 2 and options["python"] == str(python) and options["env"] == {"A": "1"}
+    assert not options["report"] and options["output_dir"] == str(tmp_path / "sweep")  # from the YAML
 
 
 def test_train_command_and_worker_env(tmp_path):
     cfg = sweep_config_from_dict(
         {
             "base": {"lr": 1e-4},
-            "grid": {"task": "cb", "method": "cola", "chain_length": 2, "ranks": [[8, 2]], "seed": 3},
+            "grid": {"task": "cb", "method": "cola", "chain.length": 2, "ranks": [[8, 2]], "seed": 3},
             "sweep": {"output_dir": str(tmp_path), "workers": 2, "devices": "0,1", "env": {"A": 1}},
         }
     )
@@ -226,8 +270,8 @@ def _small_sweep(tmp_path: Path, python: Path, **options) -> dict:
         "grid": {
             "task": ["cb"],
             "method": ["lora", "cola"],
-            "chain_length": [2],
-            "learning_rate": [5e-4, 1e-4],
+            "chain.length": [2],
+            "lr": [5e-4, 1e-4],
             "seed": [0, 1],
         },
         "sweep": {"output_dir": str(tmp_path / "sweep"), "python": str(python), "report": False, **options},
@@ -282,9 +326,7 @@ def test_sigterm_stops_the_sweep_and_the_same_command_continues_it(tmp_path, fak
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(_small_sweep(tmp_path, python)))
     env = {**os.environ, "FAKE_SLEEP": "cola-L2/default-lr5e-4/seed0"}
-    code = (
-        "import sys; from chainlora.recipes.sweep import sweep_command; sys.exit(sweep_command(sys.argv[1]))"
-    )
+    code = "import sys; from chainlora.cli import main; sys.exit(main(['sweep', sys.argv[1]]))"
     proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], env=env, start_new_session=True)
     root = tmp_path / "sweep"
     # the sweep imports torch before its first run: tens of seconds on cores shared with other jobs
@@ -355,10 +397,10 @@ def _fabricate(tmp_path: Path, scores: dict[str, tuple[float, float]], grid: dic
 GRID = {
     "task": ["sst2", "rte"],
     "method": ["lora", "cola", "full"],
-    "chain_length": [3],
+    "chain.length": [3],
     "ranks": [[8]],
     "optimizer": ["adamw"],
-    "learning_rate": {"lora": [5e-4, 1e-4], "cola": [5e-4, 1e-4], "full": [1e-5]},
+    "lr": {"lora": [5e-4, 1e-4], "cola": [5e-4, 1e-4], "full": [1e-5]},
     "seed": [0, 1, 2],
 }
 # test scores per (task, tag, lr): seeds 0, 1, 2; dev scores decide the LR
@@ -406,10 +448,10 @@ def test_best_learning_rate_per_cell_uses_the_mean_dev_score_only(tmp_path):
 
 def test_report_tables_numbers_gain_and_bold(tmp_path):
     root = _fabricated_sweep(tmp_path)
-    report = Report(load_sweep(root))
+    report = SweepResults.from_sweep(load_sweep(root))
     assert report.scale == 100.0
     (group,) = report.groups
-    table = report.main_table(group)
+    table = main_table(report, group)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     # sst2 LoRA @5e-4: 80, 82, 84 -> 82.00 ± 2.00; COLA: 83, 84, 88 -> 85.00 ± 2.65 (bold, best)
     assert "| 82.00 ± 2.00 |" in rows["LoRA"]
@@ -437,7 +479,8 @@ def test_zero_shot_row_is_one_value_per_seed(tmp_path):
         data = json.loads(metrics.read_text())
         data["zero_shot_test_score"] = {"0": 0.5, "1": 0.6, "2": 0.7}[metrics.parent.name[-1]]
         metrics.write_text(json.dumps(data))
-    table = Report(load_sweep(root)).main_table(Report(load_sweep(root)).groups[0])
+    results = SweepResults.from_sweep(load_sweep(root))
+    table = main_table(results, results.groups[0])
     row = next(line for line in table.splitlines() if line.startswith("| 0-shot"))
     assert "| 60.00 ± 10.00 | – | – |" in row
 
@@ -449,10 +492,13 @@ def test_cola_runs_tested_before_their_first_knot_are_counted(tmp_path):
         data["knots"] = [{"step": 4, "link": 1, "next_rank": 8}, {"step": 8, "link": 2, "next_rank": 8}]
         data["selected_step"] = 4 if metrics.parent.name == "seed0" else 12
         metrics.write_text(json.dumps(data))
-    report = Report(load_sweep(root))
-    ((variant, _, _),) = report.paired(report.groups[0])
-    assert report.tested_before_first_knot(variant, report.groups[0]) == (2, 6)  # seed 0 of sst2 and rte
-    assert "2 of 6 COLA (L=3, r=8) runs were tested" in report.paired_table(report.groups[0])
+    report = SweepResults.from_sweep(load_sweep(root))
+    ((variant, _, _),) = paired_comparisons(report, report.groups[0])
+    assert runs_tested_before_first_knot(report, variant, report.groups[0]) == (
+        2,
+        6,
+    )  # seed 0 of sst2 and rte
+    assert "2 of 6 COLA (L=3, r=8) runs were tested" in paired_table(report, report.groups[0])
 
 
 def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):
@@ -471,8 +517,8 @@ def test_paired_tests_match_scipy(tmp_path):
     assert math.isclose(p.sign_pvalue, stats.binomtest(2, 3, 0.5).pvalue)
     assert math.isclose(p.mean_diff, (3 - 1 + 8 + 0) / 4)
 
-    report = Report(load_sweep(_fabricated_sweep(tmp_path)))
-    ((variant, base, per),) = report.paired(report.groups[0])
+    report = SweepResults.from_sweep(load_sweep(_fabricated_sweep(tmp_path)))
+    ((variant, base, per),) = paired_comparisons(report, report.groups[0])
     assert variant[0] == "cola" and base[0] == "lora"
     sst2_cola, sst2_lora = [83, 84, 88], [80, 82, 84]
     rte_cola, rte_lora = [59, 61, 60], [55, 55, 55]
@@ -485,11 +531,11 @@ def test_paired_tests_match_scipy(tmp_path):
 
 def test_chain_length_and_rank_stepdown_tables(tmp_path):
     grid = [
-        {"task": "cb", "method": ["lora", "cola"], "chain_length": [1, 2, 3], "ranks": [[8]]},
-        {"task": "cb", "method": "cola", "chain_length": 2, "ranks": [[8, 2]]},
+        {"task": "cb", "method": ["lora", "cola"], "chain.length": [1, 2, 3], "ranks": [[8]]},
+        {"task": "cb", "method": "cola", "chain.length": 2, "ranks": [[8, 2]]},
     ]
     for g in grid:
-        g.update(learning_rate=[5e-4], seed=[0, 1])
+        g.update({"lr": [5e-4], "seed": [0, 1]})
     scores = {}
     for tag, (s0, s1) in {
         "lora-r8": (0.60, 0.62),
@@ -500,13 +546,13 @@ def test_chain_length_and_rank_stepdown_tables(tmp_path):
         for seed, s in enumerate((s0, s1)):
             scores[f"cb/{tag}/default-lr5e-4/seed{seed}"] = (0.5, s)
     root = _fabricate(tmp_path, scores, grid)
-    report = Report(load_sweep(root))
+    report = SweepResults.from_sweep(load_sweep(root))
     (group,) = report.groups
     ((ranks, variants),) = report.chain_length_series(group).items()
     assert ranks == (8,) and [v[1] for v in variants] == [1, 2, 3]
-    table = report.chain_length_table(group, variants)
+    table = chain_length_table(report, group, variants)
     assert table.splitlines()[2] == "| cb | 61.00 ± 1.41 | 65.00 ± 1.41 | **68.00 ± 2.83** |"
-    step = report.stepdown_table(group)
+    step = stepdown_table(report, group)
     assert "COLA (L=2, r=8→2)" in step and "25.0%" in step and "0% (reference)" in step
     write_report(root)
     for png in ("main.png", "chain_length-r8.png", "rank_stepdown.png"):
@@ -544,8 +590,8 @@ def test_end_to_end_two_tiny_runs_through_the_real_cli(tmp_path, tiny_llama_dir,
         "grid": {
             "task": "sst2",
             "method": ["lora", "cola"],
-            "chain_length": 2,
-            "learning_rate": 1e-3,
+            "chain.length": 2,
+            "lr": 1e-3,
             "seed": 0,
         },
         "sweep": {"output_dir": str(tmp_path / "e2e"), "run_timeout_s": 120},
@@ -574,7 +620,7 @@ def test_end_to_end_two_tiny_runs_through_the_real_cli(tmp_path, tiny_llama_dir,
 
 def test_cpu_runs_get_one_thread_each_by_default(tmp_path):
     """On shared cores a 2-thread torch run beside another one is 5-15x slower: CPU workers get 1 thread."""
-    from chainlora.recipes.sweep import SweepOptions
+    from chainlora.config import SweepOptions
 
     for workers in (1, 2):
         env = worker_env(0, SweepOptions(output_dir=str(tmp_path), workers=workers), {})
@@ -584,7 +630,7 @@ def test_cpu_runs_get_one_thread_each_by_default(tmp_path):
 
 
 def test_time_left_is_predicted_per_cell_then_task_then_overall():
-    from chainlora.recipes.sweep import RunSpec, estimate_seconds_left, format_duration
+    from chainlora.recipes.sweep import estimate_seconds_left, format_duration
 
     def spec(task, method, seed, extras=()):
         return RunSpec(

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from chainlora import tasks
-from chainlora.cli import main, parse_config
-from chainlora.config import TrainConfig
+from chainlora.cli import main
+from chainlora.config import TrainConfig, parse_config
 from chainlora.recipes.train import train
 from chainlora.rundir import load_run_config
 

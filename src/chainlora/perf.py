@@ -81,6 +81,14 @@ class Speed:
         """``base_dtype`` as a torch dtype, for ``chainlora.models.load(..., dtype=...)``."""
         return DTYPES[self.base_dtype]
 
+    def describe(self) -> str:
+        """One line: ``bf16 autocast, bf16 base, adamw_torch_fused, shared_prompt batches, length-grouped``."""
+        return (
+            f"{self.precision} autocast, {self.base_dtype} base, {self.optim}, {self.batching} batches"
+            + (", length-grouped" if self.group_by_length else "")
+            + (", compiled" if self.compiled else "")
+        )
+
     def training_arguments(self) -> dict[str, object]:
         """Keyword arguments for ``transformers.TrainingArguments`` (the sampler is set by the recipe)."""
         return {

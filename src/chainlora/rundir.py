@@ -1,4 +1,5 @@
-"""The run directory of ``chainlora train``: every name in it, and every rule about what is complete.
+"""The run directory of ``chainlora train`` (and the sweep folder that holds many): every name in them, and
+every rule about what is complete.
 
     RUN_DIR/
       config.yaml                the resolved config: written first, so a folder holding it is a (resumable) run
@@ -11,6 +12,15 @@
       final/                     the merged model (standard safetensors)
       loss.png                   the loss curve with the knots
       metrics.json               written last: a run is finished iff it is there
+
+    SWEEP_DIR/                   (``chainlora sweep``, ``chainlora report``)
+      <task>/<cell>/<optimizer>-lr<lr>/seed<seed>/   one run directory per run of the grid
+      sweep_plan.json            every planned run (cell, axes, train overrides), the base config and the grid
+      sweep_base.yaml            the resolved base train config every run starts from
+      sweep_state.json           each run's last outcome, and every invocation of the sweep
+      .locks/<run>.lock          held by the process running that run
+      logs/<run>.log             each run's output
+      report.md, plots/          the report
 
 Invariants:
 
@@ -56,6 +66,14 @@ TIME_FILE = (
 )
 COMPLETE_MARKER = "chainlora_complete.json"  # in a checkpoint, written last: every file in it and its size
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folders
+
+SWEEP_PLAN_FILE = "sweep_plan.json"
+SWEEP_BASE_FILE = "sweep_base.yaml"
+SWEEP_STATE_FILE = "sweep_state.json"
+SWEEP_LOCK_DIR = ".locks"
+SWEEP_LOG_DIR = "logs"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -1,8 +1,10 @@
 """Save and restore the whole chain (merged base weights, tied links, current link, ranks) for resume.
 
 A PEFT checkpoint holds only the current link's A and B; after a knot the *base* weights have moved too, and
-after a rank step-down the link has another shape. The chain state file holds everything that the knots
-changed, for the LoRA-targeted layers only (small next to the model), so resuming mid-chain is exact.
+after a rank step-down the link has another shape. The chain state file (``chainlora_chain.safetensors``) holds
+everything that the knots changed, for the LoRA-targeted layers only (small next to the model): each layer's
+base weight (its fp32 master when kept), current link and :class:`~chainlora.links.LayerChain`, so resuming
+mid-chain is exact. A resized link is rebuilt with ``chain.extend_link``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,28 @@
-"""Typed, validated configs of the ``chainlora`` commands; the YAML files mirror them."""
+"""Typed, validated configs of the ``chainlora`` commands, and the parser from command lines into them.
 
-from chainlora.config.train import (
-    AutoKnotSettings,
-    ChainSettings,
-    EvalConfig,
-    LoRASettings,
-    TrainConfig,
-)
+    TrainConfig (+ LoRASettings, ChainSettings, AutoKnotSettings)   chainlora train           (config.train)
+    EvalConfig, ExportConfig, SweepOptions, ReportConfig              eval, export, sweep, report (config.commands)
+    parse_config(cls, argv)                                           --config FILE --field value (config.parse)
 
-__all__ = ["AutoKnotSettings", "ChainSettings", "EvalConfig", "LoRASettings", "TrainConfig"]
+A config that exists is a valid one: each dataclass validates in ``__post_init__`` and a bad value raises a
+:class:`~chainlora.errors.ConfigError` with one line naming the field. This package imports nothing of chainlora
+but its errors: the recipes and the CLI build on it, never the other way round.
+"""
+
+from chainlora.config.commands import EvalConfig, ExportConfig, ReportConfig, SweepOptions, parse_devices
+from chainlora.config.parse import parse_config, read_yaml_mapping
+from chainlora.config.train import AutoKnotSettings, ChainSettings, LoRASettings, TrainConfig
+
+__all__ = [
+    "AutoKnotSettings",
+    "ChainSettings",
+    "EvalConfig",
+    "ExportConfig",
+    "LoRASettings",
+    "ReportConfig",
+    "SweepOptions",
+    "TrainConfig",
+    "parse_config",
+    "parse_devices",
+    "read_yaml_mapping",
+]

@@ -1,4 +1,4 @@
-"""Typed, validated configs of ``chainlora train`` and ``chainlora eval``; the YAML files mirror them.
+"""The config of ``chainlora train``: :class:`TrainConfig` with its LoRA and chain settings; YAML files mirror it.
 
 Every field has a docstring (shown by ``chainlora train --help``). ``__post_init__`` validates and fills the
 method-dependent defaults (``lr``, ``chain.length``), so a config that exists is a runnable one: a bad field
@@ -10,11 +10,10 @@ in the model) is checked by ``chainlora.recipes.train.setup``, still before anyt
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from chainlora.config.checks import choice, fail, number, positive_int
 from chainlora.errors import ConfigError
 
 Method = Literal["lora", "cola", "full"]
@@ -26,47 +25,11 @@ CompileMode = Literal["auto", "on", "off"]
 Selection = Literal["dev_loss", "dev_score", "last"]
 LoRAInit = Literal["gaussian", "kaiming"]
 NonFinite = Literal["skip", "halt"]
-EvalSplit = Literal["test", "dev"]
 
 # Paper defaults (REFERENCE.md): LoRA/COLA and full fine-tuning search different LR grids; these are the
 # middle of each grid, used when ``lr`` is not given.
 DEFAULT_LR: dict[str, float] = {"lora": 5e-4, "cola": 5e-4, "full": 1e-5}
 DEFAULT_CHAIN_LENGTH: dict[str, int] = {"lora": 1, "cola": 3, "full": 1}
-
-
-def _fail(name: str, problem: str) -> ConfigError:
-    return ConfigError(f"{name}: {problem}")
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise _fail(name, f"must be an integer >= {low}, got {value!r}")
-
-
-def _number(
-    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, open_low: bool = False
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-        raise _fail(name, f"must be a finite number, got {shown}")
-    if value < low or (open_low and value == low) or value > high:
-        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise _fail(name, f"must be {bound}, got {value!r}")
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
-def _choice(name: str, value: Any, allowed: Any) -> None:
-    """``value`` must be one of the strings of the ``Literal`` type ``allowed`` (the field's annotation)."""
-    choices = typing.get_args(allowed)
-    if value not in choices:
-        raise _fail(name, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass
@@ -89,27 +52,27 @@ class LoRASettings:
     """Init of A in every link: 'gaussian' (std 1/r, the paper) or 'kaiming' (uniform a=sqrt(5), the harness)."""
 
     def __post_init__(self) -> None:
-        _positive_int("lora.r", self.r)
-        _number("lora.alpha", self.alpha, open_low=True)
-        _number("lora.dropout", self.dropout, high=1.0)
+        positive_int("lora.r", self.r)
+        number("lora.alpha", self.alpha, open_low=True)
+        number("lora.dropout", self.dropout, high=1.0)
         if self.dropout >= 1.0:
-            raise _fail("lora.dropout", f"must be < 1, got {self.dropout!r}")
+            raise fail("lora.dropout", f"must be < 1, got {self.dropout!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
-                raise _fail(
+                raise fail(
                     "lora.target_modules",
                     f"must be a list of names or 'all-linear', got {self.target_modules!r}",
                 )
         elif not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise _fail(
+            raise fail(
                 "lora.target_modules",
                 f"must be a non-empty list of module names, got {self.target_modules!r}",
             )
         else:
             self.target_modules = list(self.target_modules)
         if self.bias is not None and not isinstance(self.bias, bool):
-            raise _fail("lora.bias", f"must be true, false or null, got {self.bias!r}")
-        _choice("lora.init", self.init, LoRAInit)
+            raise fail("lora.bias", f"must be true, false or null, got {self.bias!r}")
+        choice("lora.init", self.init, LoRAInit)
 
 
 @dataclass
@@ -132,10 +95,10 @@ class AutoKnotSettings:
     def __post_init__(self) -> None:
         for name in ("min_link_steps", "patience"):
             if getattr(self, name) is not None:
-                _positive_int(f"chain.auto.{name}", getattr(self, name))
-        _number("chain.auto.threshold", self.threshold, open_low=True)
+                positive_int(f"chain.auto.{name}", getattr(self, name))
+        number("chain.auto.threshold", self.threshold, open_low=True)
         if not (isinstance(self.ema, int | float) and not isinstance(self.ema, bool) and 0 <= self.ema < 1):
-            raise _fail("chain.auto.ema", f"must be in [0, 1), got {self.ema!r}")
+            raise fail("chain.auto.ema", f"must be in [0, 1), got {self.ema!r}")
 
 
 @dataclass
@@ -162,37 +125,37 @@ class ChainSettings:
         if isinstance(self.auto, dict):
             self.auto = AutoKnotSettings(**self.auto)
         if self.length is not None:
-            _positive_int("chain.length", self.length)
+            positive_int("chain.length", self.length)
         if self.knots is not None and self.knots != "auto":
             if not isinstance(self.knots, list | tuple):
-                raise _fail("chain.knots", f"must be a list, got {self.knots!r}")
+                raise fail("chain.knots", f"must be a list, got {self.knots!r}")
             self.knots = list(self.knots)
             steps = all(isinstance(k, int) and not isinstance(k, bool) for k in self.knots)
             fractions = all(isinstance(k, float) for k in self.knots)
             if not (steps or fractions):
-                raise _fail("chain.knots", f"give all steps (integers) or all fractions, got {self.knots!r}")
+                raise fail("chain.knots", f"give all steps (integers) or all fractions, got {self.knots!r}")
             for k in self.knots:
                 if steps and k < 1:
-                    raise _fail("chain.knots", f"step {k} must be >= 1")
+                    raise fail("chain.knots", f"step {k} must be >= 1")
                 if fractions and not 0.0 < k < 1.0:
-                    raise _fail(
+                    raise fail(
                         "chain.knots", f"fraction {k} must be strictly between 0 and 1 (steps: integers)"
                     )
             if sorted(set(self.knots)) != self.knots:
-                raise _fail("chain.knots", f"must be strictly increasing, got {self.knots!r}")
+                raise fail("chain.knots", f"must be strictly increasing, got {self.knots!r}")
             if self.length is not None and self.length != len(self.knots) + 1:
-                raise _fail(
+                raise fail(
                     "chain.length",
                     f"{self.length} links do not match {len(self.knots)} knot(s) in chain.knots",
                 )
         if self.ranks is not None:
             if not isinstance(self.ranks, list | tuple) or not self.ranks:
-                raise _fail("chain.ranks", f"must be a non-empty list of ranks, got {self.ranks!r}")
+                raise fail("chain.ranks", f"must be a non-empty list of ranks, got {self.ranks!r}")
             self.ranks = list(self.ranks)
             for r in self.ranks:
-                _positive_int("chain.ranks", r)
+                positive_int("chain.ranks", r)
         if self.max_relative_delta is not None:
-            _number("chain.max_relative_delta", self.max_relative_delta, open_low=True)
+            number("chain.max_relative_delta", self.max_relative_delta, open_low=True)
 
     @property
     def links(self) -> int:
@@ -319,53 +282,53 @@ class TrainConfig:
         for name in ("model", "task"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                raise _fail(name, f"must be a non-empty string, got {value!r}")
-        _choice("method", self.method, Method)
-        _positive_int("seed", self.seed, allow_zero=True)
-        _positive_int("train_seed", self.train_seed, allow_zero=True)
-        _positive_int("num_train", self.num_train)
+                raise fail(name, f"must be a non-empty string, got {value!r}")
+        choice("method", self.method, Method)
+        positive_int("seed", self.seed, allow_zero=True)
+        positive_int("train_seed", self.train_seed, allow_zero=True)
+        positive_int("num_train", self.num_train)
         if self.num_dev is not None:
-            _positive_int("num_dev", self.num_dev, allow_zero=True)
-        _positive_int("num_eval", self.num_eval, allow_zero=True)
-        _positive_int("max_length", self.max_length)
+            positive_int("num_dev", self.num_dev, allow_zero=True)
+        positive_int("num_eval", self.num_eval, allow_zero=True)
+        positive_int("max_length", self.max_length)
         if self.max_length < 8:
-            raise _fail("max_length", f"must be at least 8 tokens, got {self.max_length}")
-        _choice("optimizer", self.optimizer, Optimizer)
+            raise fail("max_length", f"must be at least 8 tokens, got {self.max_length}")
+        choice("optimizer", self.optimizer, Optimizer)
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
-        _number("lr", self.lr, open_low=True)
-        _number("weight_decay", self.weight_decay)
-        _choice("lr_schedule", self.lr_schedule, LRSchedule)
-        _number("warmup", self.warmup)
+        number("lr", self.lr, open_low=True)
+        number("weight_decay", self.weight_decay)
+        choice("lr_schedule", self.lr_schedule, LRSchedule)
+        number("warmup", self.warmup)
         if self.warmup >= 1 and not float(self.warmup).is_integer():
-            raise _fail("warmup", f"a number of steps must be whole, got {self.warmup!r}")
-        _number("max_grad_norm", self.max_grad_norm)
-        _choice("nonfinite", self.nonfinite, NonFinite)
-        _positive_int("max_nonfinite_skips", self.max_nonfinite_skips, allow_zero=True)
-        _positive_int("epochs", self.epochs)
+            raise fail("warmup", f"a number of steps must be whole, got {self.warmup!r}")
+        number("max_grad_norm", self.max_grad_norm)
+        choice("nonfinite", self.nonfinite, NonFinite)
+        positive_int("max_nonfinite_skips", self.max_nonfinite_skips, allow_zero=True)
+        positive_int("epochs", self.epochs)
         if self.max_steps is not None:
-            _positive_int("max_steps", self.max_steps)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("grad_accum", self.grad_accum)
+            positive_int("max_steps", self.max_steps)
+        positive_int("batch_size", self.batch_size)
+        positive_int("grad_accum", self.grad_accum)
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
-        _positive_int("eval_batch_size", self.eval_batch_size)
-        _choice("precision", self.precision, TrainPrecision)
-        _choice("base_dtype", self.base_dtype, TrainPrecision)
-        _choice("compile", self.compile, CompileMode)
+        positive_int("eval_batch_size", self.eval_batch_size)
+        choice("precision", self.precision, TrainPrecision)
+        choice("base_dtype", self.base_dtype, TrainPrecision)
+        choice("compile", self.compile, CompileMode)
         for name in ("group_by_length", "shared_prompt"):
             if not isinstance(getattr(self, name), bool):
-                raise _fail(name, f"must be true or false, got {getattr(self, name)!r}")
-        _choice("selection", self.selection, Selection)
+                raise fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        choice("selection", self.selection, Selection)
         if self.num_dev == 0 and self.selection != "last":
-            raise _fail("selection", f"{self.selection!r} needs a dev set, but num_dev is 0: use 'last'")
+            raise fail("selection", f"{self.selection!r} needs a dev set, but num_dev is 0: use 'last'")
         if self.save_steps is not None:
-            _positive_int("save_steps", self.save_steps)
-        _positive_int("logging_steps", self.logging_steps)
+            positive_int("save_steps", self.save_steps)
+        positive_int("logging_steps", self.logging_steps)
         for name in ("output_dir", "resume", "data"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise _fail(name, f"must be a path, got {value!r}")
+                raise fail(name, f"must be a path, got {value!r}")
         self._check_method()
 
     def _check_method(self) -> None:
@@ -375,38 +338,38 @@ class TrainConfig:
             if chain.length is None and chain.knots in (None, "auto"):
                 chain.length = DEFAULT_CHAIN_LENGTH["cola"]
             if chain.knots == "auto" and self.logging_steps != 1:
-                raise _fail(
+                raise fail(
                     "logging_steps", "knots: auto decides from every step's loss: it needs logging_steps 1"
                 )
             if chain.knots == "auto" and self.lr_schedule == "jagged":
-                raise _fail(
+                raise fail(
                     "lr_schedule", "'jagged' restarts at known knots; knots: auto decides them on the fly"
                 )
         elif chain.knots or (chain.length or 1) > 1:
-            raise _fail(
+            raise fail(
                 "chain.knots" if chain.knots else "chain.length",
                 f"method {self.method} has no knots; use method cola for a chain of links",
             )
         elif chain.length is None:
             chain.length = 1
         if self.method == "full" and chain.ranks is not None:
-            raise _fail("chain.ranks", "method full has no LoRA links")
+            raise fail("chain.ranks", "method full has no LoRA links")
         if self.method == "full" and self.base_dtype not in ("auto", "fp32"):
-            raise _fail(
+            raise fail(
                 "base_dtype", f"method full trains the base weights: they stay fp32, not {self.base_dtype}"
             )
         if chain.ranks is not None:
             if len(chain.ranks) != chain.links:
-                raise _fail(
+                raise fail(
                     "chain.ranks",
                     f"{len(chain.ranks)} rank(s) {chain.ranks} for a chain of {chain.links} link(s)",
                 )
             if chain.ranks[0] != self.lora.r:
-                raise _fail(
+                raise fail(
                     "chain.ranks", f"first link rank {chain.ranks[0]} differs from lora.r={self.lora.r}"
                 )
         if self.lr_schedule == "jagged" and self.method != "cola":
-            raise _fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
+            raise fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
 
     # --- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -424,51 +387,6 @@ class TrainConfig:
         for key in ("overwrite", "resume", "keep_checkpoints"):
             data.pop(key)
         return data
-
-
-@dataclass
-class EvalConfig:
-    """chainlora eval: score a model folder (or a registry model: the 0-shot baseline) on a task's test set."""
-
-    model: str = "smollm2-135m"
-    """A model folder (e.g. a run's final/) or a registry name."""
-    task: str = "boolq"
-    """Task name (see `chainlora tasks`)."""
-    data: str | None = None
-    """Task data (as in `chainlora train`); null = $CHAINLORA_DATA, then a PyPI-packaged copy."""
-    seed: int = 0
-    """Sampling seed: which validation rows form the test set (same draw as `chainlora train`)."""
-    num_eval: int = 1000
-    """Test examples drawn from the validation split."""
-    split: EvalSplit = "test"
-    """Score the test set, or the dev set of the same draw (needs num_train/num_dev as in training)."""
-    num_train: int = 1000
-    """With split dev: the num_train of the training run (dev is drawn after train)."""
-    num_dev: int | None = None
-    """With split dev: the num_dev of the training run (null = the task's default)."""
-    max_length: int = 2048
-    """Longest encoded example in tokens (left truncation keeping BOS)."""
-    batch_size: int = 8
-    """Examples per scoring batch."""
-    precision: Precision = "fp32"
-    """Weights dtype for scoring."""
-    output: str | None = None
-    """Also write the result as JSON to this file."""
-
-    def __post_init__(self) -> None:
-        for name in ("model", "task"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise _fail(name, f"must be a non-empty string, got {value!r}")
-        _positive_int("seed", self.seed, allow_zero=True)
-        _positive_int("num_eval", self.num_eval)
-        _choice("split", self.split, EvalSplit)
-        _positive_int("num_train", self.num_train, allow_zero=True)
-        if self.num_dev is not None:
-            _positive_int("num_dev", self.num_dev, allow_zero=True)
-        _positive_int("max_length", self.max_length)
-        _positive_int("batch_size", self.batch_size)
-        _choice("precision", self.precision, Precision)
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -1,7 +1,16 @@
-"""Recipes: plain functions over typed configs (``chainlora train``, ``chainlora eval``); the CLI is thin.
+"""Recipes: plain functions over typed configs, one module per ``chainlora`` command; the CLI is thin.
 
-from chainlora.recipes import TrainConfig, train
-metrics = train(TrainConfig(task="sst2", method="cola", num_train=64, epochs=2))
+    train.py       chainlora train: setup → fit → finish (run.py: the Run and its metrics; trainer.py: the Trainer)
+    evaluate.py    chainlora eval: score a model folder or a registry model on a task
+    export.py      chainlora export: a run's whole chain as one PEFT adapter
+    sweep.py       chainlora sweep: a grid of train runs (grid.py: the sweep YAML and the runs it expands to)
+    report.py      chainlora report: the paper's tables (results.py: the numbers; stats.py; plots.py)
+    flops.py       the analytic training FLOPs of a step
+
+For example::
+
+    from chainlora.recipes import TrainConfig, train
+    metrics = train(TrainConfig(task="sst2", method="cola", num_train=64, epochs=2))
 """
 
 from chainlora.config import ChainSettings, EvalConfig, LoRASettings, TrainConfig

@@ -1,5 +1,8 @@
 """``chainlora eval``: score any model folder (a run's ``final/``) or registry model (0-shot) on a task.
 
+    evaluate_model(config)     the score of ``config.model`` on the task's test (or dev) draw
+    score_adapters(run_dir)    the test score of PEFT adapters on a run's original base (``chainlora export``)
+
 The examples are the same per-seed draw as ``chainlora train`` (test = the first ``num_eval`` of a seeded
 permutation of the validation split), so ``chainlora eval RUN/final --task T --seed S --num_eval N`` reproduces
 the run's ``test_score``.
@@ -50,6 +53,16 @@ def evaluate_model(config: EvalConfig) -> dict[str, Any]:
     if config.output:
         write_json_atomic(config.output, summary)
     return summary
+
+
+def eval_command(config: EvalConfig) -> int:
+    """``chainlora eval``: score and print one line."""
+    result = evaluate_model(config)
+    print(
+        f"{result['task']} {result['split']} {result['metric']}: {result['score']:.4f} "
+        f"({result['num_examples']} examples, model {result['model']})"
+    )
+    return 0
 
 
 def score_adapters(run_dir: str, adapters: dict[str, str], *, batch_size: int = 8) -> dict[str, float]:

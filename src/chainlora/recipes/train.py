@@ -28,66 +28,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from chainlora import distributed, models, rundir, tasks
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
-from chainlora.chain import KnotRecord, check_ranks_fit, merge_chain
+from chainlora.chain import check_ranks_fit, merge_chain
 from chainlora.config import TrainConfig
 from chainlora.errors import ConfigError
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import write_json_atomic
 from chainlora.perf import Speed, resolve_speed
-from chainlora.provenance import code_version
 from chainlora.recipes.plots import plot_loss
-from chainlora.recipes.trainer import CheckpointSeal, LinkLR, RunCallback, RunTrainer, training_arguments
-from chainlora.schedules import ChainSchedule, KnotSchedule
+from chainlora.recipes.run import Run, run_metrics, train_summary
+from chainlora.recipes.trainer import (
+    CheckpointSeal,
+    LinkLR,
+    RunCallback,
+    RunTrainer,
+    knot_schedule,
+    steps_per_epoch,
+    training_arguments,
+)
+from chainlora.schedules import ChainSchedule
 from chainlora.tasks.shared_prompt import SharedPromptCollator, shared_prompt_view
 
 logger = logging.getLogger("chainlora")
-
-
-@dataclass
-class Run:
-    """Everything ``setup`` prepared and checked; nothing of it is on disk yet."""
-
-    config: TrainConfig
-    run_dir: Path
-    task: tasks.Task
-    splits: tasks.TaskSplits
-    model: PreTrainedModel  # PEFT-wrapped for lora/cola once fit() starts
-    tokenizer: PreTrainedTokenizerBase
-    train_set: Any  # tasks.TrainingDataset, or its tasks.shared_prompt.SharedPromptDataset view
-    dev_set: Any | None
-    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]  # batches of train_set / dev_set
-    speed: Speed
-    args: TrainingArguments
-    schedule: KnotSchedule | None  # lora/cola (lora: no knots)
-    total_steps: int
-    checkpoint: Path | None = None  # resume from here
-    resuming: bool = False
-    zero_shot_score: float | None = None
-    lora_bias: bool | None = None  # resolved lora.bias (null: on for OPT)
-    trainable_params: int | None = None  # at the start of training (a rank step-down lowers it later)
-    started: float = 0.0  # perf_counter() when setup began (for session_seconds)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -107,11 +81,12 @@ def setup(config: TrainConfig) -> Run:
     args = training_arguments(config, run_dir, speed)
     model, tokenizer = models.load(config.model, dtype=speed.torch_base_dtype)
     train_set, dev_set, collator, speed = _datasets(config, task, splits, tokenizer, speed)
-    steps_per_epoch = _steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    logger.info("speed: %s", speed.describe())
+    epoch_steps = steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
+    total_steps = config.max_steps or epoch_steps * config.epochs
     schedule = None
     if config.method != "full":
-        schedule = _chain_schedule(config, total_steps, steps_per_epoch)
+        schedule = knot_schedule(config, total_steps, epoch_steps)
         _check_lora_targets(model, config)
         distributed.check_rank_schedule(schedule, config.lora.r, processes=args.world_size)
     if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
@@ -180,55 +155,7 @@ def _datasets(
         if train_view is not None and (dev_set is None or dev_view is not None):
             train_set, dev_set, collator = train_view, dev_view, SharedPromptCollator(tokenizer)
             speed = dataclasses.replace(speed, batching="shared_prompt")
-    logger.info(
-        "speed: %s autocast, %s base, %s, %s batches%s%s",
-        speed.precision,
-        speed.base_dtype,
-        speed.optim,
-        speed.batching,
-        ", length-grouped" if speed.group_by_length else "",
-        ", compiled" if speed.compiled else "",
-    )
     return train_set, dev_set, collator, speed
-
-
-def _steps_per_epoch(examples: int, batch_size: int, grad_accum: int, world_size: int) -> int:
-    """Optimizer steps per epoch, as the HF Trainer counts them (last partial batch and accumulation kept)."""
-    micro_batches = math.ceil(math.ceil(examples / batch_size) / world_size)
-    return max(micro_batches // grad_accum + int(micro_batches % grad_accum > 0), 1)
-
-
-def _chain_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> KnotSchedule:
-    """The knots in optimizer steps; errors name ``chain.*`` and the budget they overran."""
-    chain = config.chain
-    ranks = chain.ranks
-    try:
-        if chain.knots == "auto":
-            auto = chain.auto
-            min_link = auto.min_link_steps or max(1, total_steps // (4 * chain.links))
-            return ChainSchedule.auto(
-                total_steps,
-                max_links=chain.links,
-                min_link_steps=min_link,
-                patience=auto.patience or max(1, min_link // 2),
-                threshold=auto.threshold,
-                ema=auto.ema,
-                ranks=list(ranks) if ranks else auto.rank_rule,
-                rank=config.lora.r,
-                signal=auto.signal,
-            )
-        if chain.knots is not None and all(isinstance(k, int) for k in chain.knots):
-            return ChainSchedule(tuple(chain.knots), total_steps, tuple(ranks) if ranks else None)
-        if chain.knots is not None:
-            return ChainSchedule.from_fractions(chain.knots, total_steps, ranks=ranks)
-        by_epoch = config.max_steps is None and chain.links <= config.epochs
-        return ChainSchedule.even(
-            chain.links, total_steps, steps_per_epoch=steps_per_epoch if by_epoch else None, ranks=ranks
-        )
-    except ConfigError as err:
-        field_name = "chain.knots" if chain.knots is not None else "chain.length"
-        budget = "" if "steps" in str(err) else f" (the run has {total_steps} optimizer steps)"
-        raise ConfigError(f"{field_name}: {err}{budget}") from None
 
 
 def _check_lora_targets(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -399,71 +326,6 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     return metrics
 
 
-def run_metrics(
-    run: Run,
-    state: Any,
-    selected_step: int,
-    test: dict[str, Any] | None,
-    knots: Sequence[KnotRecord],
-    adapter: dict[str, Any] | None,
-    train_seconds: float,
-) -> dict[str, Any]:
-    """What ``metrics.json`` holds: the run's identity, its scores at the selected step, budget, chain and data."""
-    config = run.config
-    dev_history = [
-        {"step": e["step"], "epoch": e.get("epoch"), "dev_loss": e["eval_loss"], "dev_score": e["eval_score"]}
-        for e in state.log_history
-        if "eval_loss" in e
-    ]
-    selected = next((e for e in dev_history if e["step"] == selected_step), None)
-    knot_rows = [
-        {"step": k.step, "link": k.link, "next_rank": k.next_rank, "delta_norm": k.delta_norm} for k in knots
-    ]
-    return {
-        "task": run.task.name,
-        "method": config.method,
-        "model": config.model,
-        "seed": config.seed,
-        "train_seed": config.train_seed,
-        "metric": test["metric"] if test else None,
-        "selection": config.selection,
-        "selected_step": selected_step,
-        "dev_score": selected["dev_score"] if selected else None,
-        "dev_loss": selected["dev_loss"] if selected else None,
-        "test_score": float(test["score"]) if test else None,
-        "zero_shot_test_score": run.zero_shot_score,
-        "train_flops": float(state.total_flos),
-        "train_seconds": round(
-            train_seconds, 2
-        ),  # the training loop (dev evaluations included), all sessions
-        "session_seconds": round(
-            time.perf_counter() - run.started, 2
-        ),  # this command: load, 0-shot, train, test
-        "train_steps": state.global_step,
-        "epochs": config.epochs,
-        "lr": config.lr,
-        "chain_length": run.schedule.chain_length if run.schedule else None,
-        "ranks": [config.lora.r] + [k.next_rank for k in knots] if run.schedule else None,  # per link
-        "knot_decisions": [dataclasses.asdict(d) for d in (run.schedule.decisions if run.schedule else [])],
-        "lora_bias": run.lora_bias,
-        "speed": dataclasses.asdict(run.speed),
-        "knots": knot_rows,
-        "skipped_steps": [e["step"] for e in state.log_history if "skipped" in e],  # non-finite, not applied
-        "num_train": len(run.splits.train),
-        "num_dev": len(run.splits.dev),
-        "num_eval": len(run.splits.test),
-        "data_source": run.splits.source.description,
-        "trainable_params": run.trainable_params,
-        "train_loss": [(e["step"], e["loss"]) for e in state.log_history if "loss" in e],
-        "dev_history": dev_history,
-        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
-        "run_dir": str(run.run_dir),
-        "adapter_bytes": adapter["bytes"] if adapter else None,
-        "adapter": adapter,
-        "code": code_version(),
-    }
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -487,24 +349,3 @@ def train_command(config: TrainConfig) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(train_summary(metrics))
     return 0
-
-
-def train_summary(metrics: dict[str, Any]) -> str:
-    """The lines ``chainlora train`` prints at the end: scores, selection, budget, knots, where the run is."""
-    metric = metrics.get("metric") or "score"
-    lines = [
-        f"{metrics['task']} · {metrics['method']} · {metrics['model']} · {metrics['num_eval']} test examples"
-    ]
-    if metrics.get("zero_shot_test_score") is not None:
-        lines.append(f"  0-shot     test {metric}: {metrics['zero_shot_test_score']:.4f}")
-    if metrics.get("test_score") is not None:
-        selected = f"step {metrics['selected_step']}"
-        if metrics.get("dev_score") is not None:
-            selected += f", by {metrics['selection']}; dev {metric} {metrics['dev_score']:.4f}"
-        lines.append(f"  fine-tuned test {metric}: {metrics['test_score']:.4f}   ({selected})")
-    lines.append(
-        f"  trained {metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, "
-        f"{metrics['train_flops']:.3g} FLOPs; knots at {[k['step'] for k in metrics['knots']] or 'none'}"
-    )
-    lines.append(f"  run: {metrics['run_dir']} (final/ = merged model, metrics.json, loss.png, tb/)")
-    return "\n".join(lines)

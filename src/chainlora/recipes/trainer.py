@@ -1,6 +1,9 @@
-"""The HF ``Trainer`` of ``chainlora train``: its arguments, the LR schedule, dev evaluation and the run's callbacks.
+"""The HF ``Trainer`` of ``chainlora train`` and what it is built from: a ``TrainConfig`` made into training
+arguments, a knot schedule and an LR schedule; dev evaluation; the run's callbacks.
 
     training_arguments(config, ...)   the TrainingArguments of a run (checkpoints under RUN_DIR/checkpoints)
+    steps_per_epoch(...)              optimizer steps per epoch, counted as the Trainer counts them
+    knot_schedule(config, ...)        where the knots go (``chainlora.schedules``), from ``config.chain``
     LinkLR                            the LR multiplier, a pure function of the optimizer step
     RunTrainer                        the task's loss (``chainlora.tasks``), the pure LR schedule, analytic FLOPs,
                                       dev loss and dev score per evaluation, the non-finite guard per micro-batch
@@ -31,6 +34,7 @@ from chainlora.faults import maybe_crash
 from chainlora.guards import NonFiniteGuard
 from chainlora.perf import Speed
 from chainlora.recipes.flops import flop_model, step_flops
+from chainlora.schedules import ChainSchedule, KnotSchedule
 
 
 def training_arguments(config: TrainConfig, run_dir: Path, speed: Speed) -> TrainingArguments:
@@ -67,6 +71,47 @@ def training_arguments(config: TrainConfig, run_dir: Path, speed: Speed) -> Trai
         return TrainingArguments(**kwargs)
     except ValueError as err:  # e.g. a precision this machine cannot run
         raise ConfigError(f"training arguments: {str(err).splitlines()[0]}") from None
+
+
+def steps_per_epoch(examples: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Optimizer steps per epoch, as the HF Trainer counts them (last partial batch and accumulation kept)."""
+    micro_batches = math.ceil(math.ceil(examples / batch_size) / world_size)
+    return max(micro_batches // grad_accum + int(micro_batches % grad_accum > 0), 1)
+
+
+def knot_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int) -> KnotSchedule:
+    """The knot schedule ``config.chain`` asks for, in optimizer steps: adaptive (``knots: auto``), listed steps,
+    fractions of the budget, or ``chain.length`` links split evenly (on epoch boundaries when the run is measured
+    in epochs, as in the paper). Errors name ``chain.*`` and the budget they overran."""
+    chain = config.chain
+    ranks = chain.ranks
+    try:
+        if chain.knots == "auto":
+            auto = chain.auto
+            min_link = auto.min_link_steps or max(1, total_steps // (4 * chain.links))
+            return ChainSchedule.auto(
+                total_steps,
+                max_links=chain.links,
+                min_link_steps=min_link,
+                patience=auto.patience or max(1, min_link // 2),
+                threshold=auto.threshold,
+                ema=auto.ema,
+                ranks=list(ranks) if ranks else auto.rank_rule,
+                rank=config.lora.r,
+                signal=auto.signal,
+            )
+        if chain.knots is not None and all(isinstance(k, int) for k in chain.knots):
+            return ChainSchedule(tuple(chain.knots), total_steps, tuple(ranks) if ranks else None)
+        if chain.knots is not None:
+            return ChainSchedule.from_fractions(chain.knots, total_steps, ranks=ranks)
+        by_epoch = config.max_steps is None and chain.links <= config.epochs
+        return ChainSchedule.even(
+            chain.links, total_steps, steps_per_epoch=steps_per_epoch if by_epoch else None, ranks=ranks
+        )
+    except ConfigError as err:
+        field_name = "chain.knots" if chain.knots is not None else "chain.length"
+        budget = "" if "steps" in str(err) else f" (the run has {total_steps} optimizer steps)"
+        raise ConfigError(f"{field_name}: {err}{budget}") from None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ Typical use (a training recipe)::
     train_set = build_training_dataset(task, splits.train, tokenizer)
     ... Trainer(train_dataset=train_set, data_collator=TrainingCollator(tokenizer), ...)  # loss: compute_loss
     result = evaluate(model, tokenizer, task, splits.test, batch_size=8)      # {"score": ..., ...}
+
+Modules: ``base`` (Task, Example), ``templates`` (each task's prompts and verbalizers), ``registry`` (the tasks by
+name), ``data`` (where rows come from, checked), ``sampling`` (the per-seed draw), ``encoding``, ``scoring``
+(candidate log-likelihoods, generation, ``evaluate``), ``training`` (training views and the loss),
+``shared_prompt`` (one row per example for verbalized tasks), ``metrics``, ``table`` (``chainlora tasks``).
 """
 
 from chainlora.tasks.base import POOLS, Example, Pool, RowProblem, Task
@@ -18,14 +23,16 @@ from chainlora.tasks.data import (
     DataSource,
     TaskData,
     TaskSplits,
+    load_task,
     load_task_data,
     resolve_source,
 )
 from chainlora.tasks.encoding import EncodedExample, encode_examples, encode_prompts
 from chainlora.tasks.metrics import accuracy, exact_match, normalize_answer, squad_f1, token_f1
-from chainlora.tasks.registry import TASKS, TaskInfo, get_task, list_tasks, load_task, print_tasks_table
+from chainlora.tasks.registry import TASKS, get_task
 from chainlora.tasks.sampling import SplitIndices, sample_indices
 from chainlora.tasks.scoring import evaluate, generate_answers, score_candidates, score_candidates_naive
+from chainlora.tasks.table import TaskInfo, list_tasks, print_tasks_table
 from chainlora.tasks.training import (
     TaskTrainer,
     TrainingCollator,

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from chainlora.errors import DataError
 from chainlora.tasks.base import POOLS, Example, Pool, RowProblem, Task
+from chainlora.tasks.registry import get_task
 from chainlora.tasks.sampling import SplitIndices, sample_indices
 
 logger = logging.getLogger(__name__)
@@ -408,9 +409,29 @@ def load_task_data(
 ) -> TaskData:
     """Resolve the source, read every pool and check every row, before any work starts; logs the source."""
     if isinstance(task, str):
-        from chainlora.tasks.registry import get_task
-
         task = get_task(task)
     source = resolve_source(task, data=data, data_dir=data_dir, allow_hub=allow_hub)
     logger.info("task %s: data from %s", task.name, source.description)
     return TaskData(task, source, read_pools(task, source))
+
+
+def load_task(
+    name: str,
+    seed: int,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    num_train: int = 1000,
+    num_dev: int | None = None,
+    num_eval: int = 1000,
+    harness_quirks: bool = False,
+    allow_hub: bool | None = None,
+) -> TaskSplits:
+    """Resolve, read and check a task's data, then draw seed ``seed``'s train/dev/test examples.
+
+    To draw several seeds, call ``load_task_data`` once and ``.sample(seed)`` per seed.
+    """
+    task_data = load_task_data(get_task(name), data=data, data_dir=data_dir, allow_hub=allow_hub)
+    return task_data.sample(
+        seed, num_train=num_train, num_dev=num_dev, num_eval=num_eval, harness_quirks=harness_quirks
+    )

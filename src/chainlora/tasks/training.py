@@ -6,6 +6,10 @@
 - ``objective == "lm"`` (copa, record, squad, drop, tatqa, gsm8k): the gold candidate only; cross-entropy on
   its option tokens, averaged over all option tokens in the batch.
 
+For the verbalized classification tasks the same loss also comes from one row per example, the shared prompt
+(``chainlora.tasks.shared_prompt``). :func:`compute_loss` is the one training loss of either batch form: the
+``TaskTrainer``, the recipes' dev loss and the benchmarks all call it.
+
 Generation tasks are encoded with ``max_length - max_new_tokens`` as the harness does (it truncates their
 training inputs like its generation prompts). Rows are left-padded; position ids follow the attention mask,
 so padding never changes a row's result.

@@ -1,4 +1,6 @@
-"""Tiny random models and a tiny trained tokenizer, for tests and benchmarks (no download, seconds to build)."""
+"""What tests and benchmarks build on, above the library: tiny random models and a tiny trained tokenizer
+(``testing.tiny``: no download, seconds to build), and the fault harness that runs the CLI forked and killable
+(``testing.faults``)."""
 
 from chainlora.testing.tiny import (
     TINY_CORPUS,

@@ -1,0 +1,387 @@
+"""A sweep's results: its finished runs, the learning rate chosen per cell on dev, and the per-cell numbers.
+
+    load_sweep(root)              the finished runs (through the sweep's plan when there is one)
+    select_learning_rates(runs)   per cell, the learning rate with the highest mean dev score over its seeds
+    SweepResults.from_sweep(data) what the report's tables (``recipes.report``) and plots (``recipes.plots``) read
+
+Model selection: within a run, the train recipe picks the epoch by its ``selection`` setting; across learning
+rates, a *cell* (task × method × chain length × ranks × optimizer × extra axes) takes the learning rate with the
+highest **mean dev score over its seeds** (ties: more finished seeds, then the smaller rate), and every test
+number of that cell comes from that rate. The test set never takes part in a choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chainlora import rundir
+from chainlora.errors import ConfigError
+from chainlora.recipes.grid import RunSpec, cell_tag, run_name
+from chainlora.recipes.stats import mean_std
+
+Variant = tuple[str, int | None, tuple[int, ...] | None]  # (method, chain length, ranks)
+Group = tuple[str | None, tuple[tuple[str, Any], ...]]  # (optimizer, extra axes)
+Cell = tuple[str, Variant, Group]  # (task, variant, group)
+METHOD_ORDER = {"lora": 0, "cola": 1, "full": 2}
+
+
+@dataclass
+class RunResult:
+    """One finished run: its place in the grid and what its ``metrics.json`` says."""
+
+    name: str
+    task: str
+    method: str
+    chain_length: int | None
+    ranks: tuple[int, ...] | None
+    optimizer: str | None
+    lr: float
+    seed: int
+    extras: tuple[tuple[str, Any], ...]
+    dev_score: float | None
+    test_score: float | None
+    train_flops: float | None = None
+    train_seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> Variant:
+        return (self.method, self.chain_length, self.ranks)
+
+    @property
+    def group(self) -> Group:
+        return (self.optimizer, self.extras)
+
+    @property
+    def cell(self) -> tuple[str, Variant, Group]:
+        return (self.task, self.variant, self.group)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / rundir.CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _result(spec: RunSpec, run_dir: Path) -> RunResult:
+    metrics = _read_json(run_dir / rundir.METRICS_FILE)
+    return RunResult(
+        name=spec.name,
+        task=spec.task,
+        method=spec.method,
+        chain_length=spec.chain_length,
+        ranks=spec.ranks,
+        optimizer=spec.optimizer,
+        lr=spec.lr,
+        seed=spec.seed,
+        extras=spec.extras,
+        dev_score=_float(metrics.get("dev_score")),
+        test_score=_float(metrics.get("test_score")),
+        train_flops=_float(metrics.get("train_flops")),
+        train_seconds=_float(metrics.get("train_seconds")),
+        metrics=metrics,
+        config=_read_config(run_dir),
+    )
+
+
+def spec_from_run_dir(run_dir: Path) -> RunSpec:
+    """Rebuild a run's grid position from its own ``metrics.json`` and ``config.yaml`` (no sweep plan)."""
+    metrics = _read_json(run_dir / rundir.METRICS_FILE)
+    config = _read_config(run_dir)
+    method = str(metrics.get("method") or config.get("method"))
+    chain = config.get("chain") or {}
+    lora = config.get("lora") or {}
+    length = None if method == "full" else int(chain.get("length") or 1)
+    ranks = None
+    if method != "full":
+        ranks = tuple(chain.get("ranks") or ()) or ((int(lora["r"]),) if lora.get("r") else None)
+        if method == "cola" and length and ranks and len(set(ranks)) == 1:
+            ranks = ranks[:1]
+    optimizer = config.get("optimizer")
+    lr = _float(config.get("lr", metrics.get("lr")))
+    if lr is None:
+        raise ConfigError(f"{run_dir}: no learning rate in config.yaml or metrics.json")
+    seed = int(metrics.get("seed", config.get("seed", 0)))
+    task = str(metrics.get("task") or config.get("task"))
+    name = run_name(task, method, length, ranks, optimizer, lr, seed)
+    return RunSpec(
+        name=name,
+        cell=name.rsplit("/", 2)[0] + f"/{optimizer}",
+        task=task,
+        method=method,
+        chain_length=length,
+        ranks=ranks,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
+    )
+
+
+@dataclass
+class SweepData:
+    """Everything the report needs: finished runs, the plan (when the sweep wrote one) and the run states."""
+
+    root: Path
+    results: list[RunResult]
+    planned: list[RunSpec]
+    state: dict[str, Any]
+    plan: dict[str, Any]
+
+    @property
+    def missing(self) -> list[RunSpec]:
+        done = {r.name for r in self.results}
+        return [s for s in self.planned if s.name not in done]
+
+    @property
+    def failed(self) -> dict[str, dict[str, Any]]:
+        done = {r.name for r in self.results}
+        runs = self.state.get("runs", {})
+        return {n: e for n, e in runs.items() if e.get("status") == "failed" and n not in done}
+
+
+def load_sweep(root: str | Path) -> SweepData:
+    """Collect a sweep's finished runs: through its plan when present, else every ``*/metrics.json`` below."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"sweep folder {root} does not exist")
+    plan: dict[str, Any] = {}
+    planned: list[RunSpec] = []
+    if (root / rundir.SWEEP_PLAN_FILE).is_file():
+        plan = _read_json(root / rundir.SWEEP_PLAN_FILE)
+        planned = [RunSpec.from_json(r) for r in plan.get("runs", [])]
+    results: list[RunResult] = []
+    if planned:
+        for spec in planned:
+            if (root / spec.name / rundir.METRICS_FILE).is_file():
+                results.append(_result(spec, root / spec.name))
+    else:
+        for metrics in sorted(root.rglob(rundir.METRICS_FILE)):
+            if any(part.startswith(".") for part in metrics.relative_to(root).parts):
+                continue
+            results.append(_result(spec_from_run_dir(metrics.parent), metrics.parent))
+    state = _read_json(root / rundir.SWEEP_STATE_FILE) if (root / rundir.SWEEP_STATE_FILE).is_file() else {}
+    return SweepData(root=root, results=results, planned=planned, state=state, plan=plan)
+
+
+@dataclass
+class CellSelection:
+    """The learning rate chosen for one cell and the runs (one per seed) at that rate."""
+
+    task: str
+    variant: Variant
+    group: Group
+    dev_by_lr: dict[float, tuple[float | None, int]]  # lr -> (mean dev score over seeds, finished seeds)
+    chosen_lr: float
+    runs: list[RunResult]
+
+    def test_scores(self) -> dict[int, float]:
+        return {r.seed: r.test_score for r in self.runs if r.test_score is not None}
+
+
+def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Variant, Group], CellSelection]:
+    """Per cell, the learning rate with the highest mean dev score over its seeds (ties: more seeds, then the
+    smaller rate; a rate whose runs have no dev score ranks last). The test score takes no part."""
+    by_cell: dict[tuple[str, Variant, Group], dict[float, list[RunResult]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for r in results:
+        by_cell[r.cell][r.lr].append(r)
+    out = {}
+    for cell, by_lr in by_cell.items():
+        dev_by_lr: dict[float, tuple[float | None, int]] = {}
+        for lr, runs in by_lr.items():
+            devs = [r.dev_score for r in runs if r.dev_score is not None]
+            dev_by_lr[lr] = (statistics.fmean(devs) if devs else None, len(runs))
+
+        def key(lr: float, dev_by_lr: dict[float, tuple[float | None, int]] = dev_by_lr) -> tuple:
+            dev, n = dev_by_lr[lr]
+            return (dev is not None, dev if dev is not None else 0.0, n, -lr)
+
+        chosen = max(dev_by_lr, key=key)
+        runs = sorted(by_lr[chosen], key=lambda r: r.seed)
+        out[cell] = CellSelection(cell[0], cell[1], cell[2], dict(sorted(dev_by_lr.items())), chosen, runs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def variant_label(variant: Variant, show_rank: bool = True) -> str:
+    """``LoRA (r=8)``, ``COLA (L=3, r=8)``, ``COLA (L=2, r=8→4)``, ``Full FT``."""
+    method, length, ranks = variant
+    if method == "full":
+        return "Full FT"
+    rank = ""
+    if ranks and show_rank:
+        rank = "r=" + "→".join(str(r) for r in ranks)
+    if method == "lora":
+        return f"LoRA ({rank})" if rank else "LoRA"
+    parts = [f"L={length}"] + ([rank] if rank else [])
+    return f"COLA ({', '.join(parts)})"
+
+
+def variant_order(variant: Variant) -> tuple:
+    method, length, ranks = variant
+    return (
+        METHOD_ORDER.get(method, 9),
+        ranks[0] if ranks else 0,
+        length or 0,
+        tuple(-r for r in ranks or ()),
+    )
+
+
+def group_label(group: Group) -> str:
+    optimizer, extras = group
+    parts = [f"optimizer {optimizer}"] if optimizer else []
+    parts += [f"{k} = {v}" for k, v in extras]
+    return ", ".join(parts) or "all runs"
+
+
+def group_slug(group: Group) -> str:
+    optimizer, extras = group
+    return cell_tag("full", None, None, extras).replace("full", str(optimizer or "default"), 1)
+
+
+def lora_baseline(variant: Variant, variants: Iterable[Variant]) -> Variant | None:
+    """The LoRA variant a COLA variant is compared with: same first-link rank (or both unranked)."""
+    method, _, ranks = variant
+    if method != "cola":
+        return None
+    want = ranks[:1] if ranks else ranks
+    for v in variants:
+        if v[0] == "lora" and (v[2] or None) == (want or None):
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class CellStats:
+    """Test score of one cell over its seeds."""
+
+    mean: float
+    std: float | None  # sample sd (ddof=1); None for one seed
+    n: int  # seeds
+
+
+@dataclass
+class SweepResults:
+    """What every table and plot reads: the finished runs, each cell at its chosen learning rate, the score
+    scale (×100 for fractions), and the tasks and groups in report order."""
+
+    data: SweepData
+    selected: dict[Cell, CellSelection]
+    scale: float
+    tasks: list[str]
+    groups: list[Group]
+
+    @classmethod
+    def from_sweep(cls, data: SweepData, *, percent: bool | None = None) -> SweepResults:
+        """Choose each cell's learning rate (on dev) and the scale: ×100 with ``percent``, or by default when
+        every score is a fraction in [0, 1]."""
+        selected = select_learning_rates(data.results)
+        scores = [r.test_score for r in data.results if r.test_score is not None]
+        scores += [r.dev_score for r in data.results if r.dev_score is not None]
+        scale = 100.0 if (percent if percent is not None else bool(scores) and max(scores) <= 1.0) else 1.0
+        groups = sorted({c[2] for c in selected}, key=lambda g: (str(g[0]), str(g[1])))
+        return cls(data, selected, scale, _ordered_tasks(data), groups)
+
+    def stats(self, task: str, variant: Variant, group: Group) -> CellStats | None:
+        """Test score of a cell at its chosen learning rate over its seeds (scaled), or None."""
+        sel = self.selected.get((task, variant, group))
+        if sel is None:
+            return None
+        scores = [s * self.scale for s in sel.test_scores().values()]
+        if not scores:
+            return None
+        mean, std = mean_std(scores)
+        return CellStats(mean, std, len(scores))
+
+    def zero_shot(self, task: str) -> CellStats | None:
+        """The pretrained model's test score (``zero_shot_test_score``, computed by runs with ``zero_shot``),
+        one value per seed (the test set depends on the seed only), mean ± sd over seeds."""
+        by_seed: dict[int, float] = {}
+        for r in self.data.results:
+            z = _float(r.metrics.get("zero_shot_test_score"))
+            if r.task == task and z is not None:
+                by_seed.setdefault(r.seed, z * self.scale)
+        if not by_seed:
+            return None
+        mean, std = mean_std(list(by_seed.values()))
+        return CellStats(mean, std, len(by_seed))
+
+    def variants(self, group: Group) -> list[Variant]:
+        """The variants with a chosen cell in ``group``, in table order."""
+        return sorted({c[1] for c in self.selected if c[2] == group}, key=variant_order)
+
+    def expected_seeds(self) -> int:
+        """Seeds per cell the plan asks for (or the finished runs show)."""
+        seeds = {r.seed for r in self.data.results}
+        planned = {s.seed for s in self.data.planned}
+        return len(planned or seeds)
+
+    def chain_length_series(self, group: Group) -> dict[tuple[int, ...] | None, list[Variant]]:
+        """Per first-link rank, the single-rank chain variants (LoRA = length 1), when ≥ 2 lengths exist."""
+        by_rank: dict[tuple[int, ...] | None, list[Variant]] = defaultdict(list)
+        for v in self.variants(group):
+            if v[0] in ("lora", "cola") and not (v[2] and len(v[2]) > 1):
+                by_rank[v[2]].append(v)
+        return {
+            r: sorted(vs, key=lambda v: v[1] or 0) for r, vs in by_rank.items() if len({v[1] for v in vs}) > 1
+        }
+
+    def stepdown_variants(self, group: Group) -> list[Variant]:
+        """The COLA variants of ``group`` whose links change rank."""
+        return [v for v in self.variants(group) if v[0] == "cola" and v[2] and len(v[2]) > 1]
+
+    def flops(self, task: str, variant: Variant, group: Group) -> float | None:
+        """Mean training FLOPs of a cell at its chosen learning rate."""
+        sel = self.selected.get((task, variant, group))
+        vals = [r.train_flops for r in sel.runs if r.train_flops] if sel else []
+        return statistics.fmean(vals) if vals else None
+
+
+def _ordered_tasks(data: SweepData) -> list[str]:
+    order: list[str] = []
+    for s in data.planned or []:
+        if s.task not in order:
+            order.append(s.task)
+    for r in data.results:
+        if r.task not in order:
+            order.append(r.task)
+    return order
