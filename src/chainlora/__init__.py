@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from chainlora import provenance
+
+__version__ = provenance.VERSION
 
 _EXPORTS = {
     "ChainOfLoRACallback": "chainlora.callback",

@@ -10,6 +10,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+VERSION = "0.1.0"  # the package version (chainlora.__version__; pyproject.toml says the same)
 PACKAGE_DIR = Path(__file__).resolve().parent
 COMMIT_FILE = PACKAGE_DIR / "COMMIT"
 
@@ -18,8 +19,6 @@ COMMIT_FILE = PACKAGE_DIR / "COMMIT"
 def code_version() -> dict[str, str | None]:
     """``{"version", "commit", "source"}``: the package version, the commit it was frozen from or checked out at
     (``-dirty`` when the checkout has uncommitted changes), and the folder the code was imported from."""
-    from chainlora import __version__
-
     commit: str | None = None
     if COMMIT_FILE.is_file():
         commit = COMMIT_FILE.read_text().strip() or None
@@ -42,4 +41,4 @@ def code_version() -> dict[str, str | None]:
             commit = head + ("-dirty" if dirty else "") if head else None
         except (OSError, subprocess.SubprocessError):
             commit = None
-    return {"version": __version__, "commit": commit, "source": str(PACKAGE_DIR.parent)}
+    return {"version": VERSION, "commit": commit, "source": str(PACKAGE_DIR.parent)}
