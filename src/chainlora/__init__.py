@@ -14,9 +14,14 @@ Names are imported on first use (PEP 562), so ``import chainlora`` and the CLI s
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from chainlora import provenance
+
+# bitsandbytes, which PEFT imports when it is installed, warns at import that an optional CPU kernel package
+# is missing; nothing chainlora does needs it
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = provenance.VERSION
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from chainlora.config import (
+    ChatConfig,
+    CompareConfig,
     EvalConfig,
     ExportConfig,
     ReportConfig,
@@ -94,6 +96,17 @@ COMMANDS: dict[str, Command] = {
         "chainlora.recipes.sweep:sweep_command",
         first="sweep",
         base=_sweep_block,
+    ),
+    "chat": Command(
+        "Talk to what you trained (streamed, multi-turn): chat RUN_DIR [--prompt TEXT] [--adapter].",
+        ChatConfig,
+        "chainlora.recipes.chat:chat_command",
+        first="run_dir",
+    ),
+    "compare": Command(
+        "Does COLA help on my data? Paired seeds per method, then differences with CI: compare --data FILE.",
+        CompareConfig,
+        "chainlora.recipes.compare:compare_command",
     ),
     "report": Command(
         "Tables (paper layout), plots and paired tests of a sweep: report SWEEP_DIR [--output FILE].",

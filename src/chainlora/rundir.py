@@ -11,6 +11,7 @@ every rule about what is complete.
       adapter/                   the whole chain as one PEFT LoRA adapter
       final/                     the merged model (standard safetensors)
       loss.png                   the loss curve with the knots
+      samples/step-N.jsonl       a few generations (prompt, reference, output) per dev evaluation (your data)
       metrics.json               written last: a run is finished iff it is there
 
     SWEEP_DIR/                   (``chainlora sweep``, ``chainlora report``)
@@ -61,6 +62,7 @@ TB_DIR = "tb"
 ADAPTER_DIR = "adapter"
 FINAL_DIR = "final"
 LOSS_PLOT = "loss.png"
+SAMPLES_DIR = "samples"  # samples/step-N.jsonl: a few generations per dev evaluation (your own data)
 TIME_FILE = (
     "chainlora_time.json"  # in a checkpoint: training seconds so far, so a resumed run's total is right
 )
@@ -80,9 +82,9 @@ PLOTS_DIR = "plots"
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    """``runs/<task>-<method>-<model>-s<seed>`` (the model's folder name for a local model)."""
+    """``runs/<task or data>-<method>-<model>-s<seed>`` (the model's folder name for a local model)."""
     model = Path(config.model).name if Path(config.model).expanduser().is_dir() else config.model
-    return Path("runs") / f"{config.task}-{config.method}-{model}-s{config.seed}"
+    return Path("runs") / f"{config.workload_name}-{config.method}-{model}-s{config.seed}"
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
@@ -311,6 +313,14 @@ def write_final_model(run_dir: Path, model: Any, tokenizer: Any) -> Path:
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics.json``: the last file of a run, which marks it finished."""
     write_json_atomic(run_dir / METRICS_FILE, metrics)
+
+
+def write_samples(run_dir: Path, step: int, samples: list[dict[str, Any]]) -> Path:
+    """Write the generations of the evaluation at ``step`` to ``samples/step-<step>.jsonl`` (atomically)."""
+    path = run_dir / SAMPLES_DIR / f"step-{step}.jsonl"
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    return path
 
 
 def remove_training_state(run_dir: Path, *, keep_checkpoints: bool) -> None:

@@ -7,12 +7,13 @@ them) that validates in ``__post_init__``; the CLI parses the command line into 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from chainlora.config.checks import choice, fail, positive_int
-from chainlora.config.train import Precision
+from chainlora.config.train import Method, Precision, TrainConfig
 from chainlora.errors import ConfigError
 
 EvalSplit = Literal["test", "dev"]
@@ -174,3 +175,101 @@ def parse_devices(devices: str | Sequence[str | int] | None) -> list[str] | None
     else:
         items = [str(d) for d in devices]
     return items or None
+
+
+@dataclass
+class CompareConfig(TrainConfig):
+    """chainlora compare: the same training budget for several methods on paired seeds, then whether they differ.
+
+    Every train field applies to every method (the budget is the same); ``methods`` x ``seeds`` runs go through
+    ``chainlora sweep`` (resumable, parallel workers) and the report pairs them by seed."""
+
+    methods: list[str] = field(default_factory=lambda: ["lora", "cola"])
+    """The methods to run (lora, cola, full); every other is compared with `baseline`."""
+    baseline: str = "lora"
+    """The method the others are compared with (one of methods)."""
+    seeds: int = 5
+    """Paired seeds 0..N-1: with seed s every method draws the same data split and the same LoRA init."""
+    lrs: dict[str, float] = field(default_factory=dict)
+    """A learning rate per method (e.g. {full: 1e-5}); the others use lr."""
+    workers: int = 1
+    """Runs in parallel (each with its own threads or device, as in chainlora sweep)."""
+    devices: list[str] | str | None = None
+    """Devices for the workers, as in chainlora sweep (e.g. 0,1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.methods, list) or len(self.methods) < 2:
+            raise fail("methods", f"must list at least two methods to compare, got {self.methods!r}")
+        for method in self.methods:
+            if method not in typing.get_args(Method):
+                raise fail("methods", f"unknown method {method!r}: expected lora, cola or full")
+        if len(set(self.methods)) != len(self.methods):
+            raise fail("methods", f"names a method twice: {self.methods!r}")
+        if self.baseline not in self.methods:
+            raise fail("baseline", f"{self.baseline!r} is not one of methods {self.methods}")
+        positive_int("seeds", self.seeds)
+        if not isinstance(self.lrs, dict):
+            raise fail("lrs", f"must map method -> learning rate, got {self.lrs!r}")
+        for method, lr in self.lrs.items():
+            if method not in self.methods:
+                raise fail("lrs", f"{method!r} is not one of methods {self.methods}")
+            if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+                raise fail(f"lrs.{method}", f"must be a positive number, got {lr!r}")
+        positive_int("workers", self.workers)
+        if self.chain.knots not in (None, "auto"):
+            raise fail("chain.knots", "explicit knot steps fit one method's run; compare sets chain.length")
+        if self.resume is not None:
+            raise fail("resume", "compare resumes by itself: run the same command again")
+
+    def train_fields(self) -> dict[str, Any]:
+        """The train config every run starts from (the compare-only fields removed)."""
+        data = self.to_dict()
+        for name in ("methods", "baseline", "seeds", "lrs", "workers", "devices", "output_dir", "resume"):
+            data.pop(name)
+        return data
+
+    def for_method(self, method: str) -> TrainConfig:
+        """The train config of ``method``'s runs (without the seed's overrides): the chain fields are COLA's."""
+        data = self.train_fields() | {"method": method}
+        if method != "cola":
+            data["chain"] = {**data["chain"], "length": None, "ranks": None, "knots": None}
+        return TrainConfig.from_dict(data)
+
+
+@dataclass
+class ChatConfig:
+    """chainlora chat RUN_DIR [--prompt TEXT]: talk to a trained model (its merged final/, or base + adapter/)."""
+
+    run_dir: str
+    """A `chainlora train` run folder, a model folder, or a registry name (0-shot)."""
+    prompt: str | None = None
+    """Answer this one message and exit (no interactive session)."""
+    system: str | None = None
+    """A system message put first in the conversation."""
+    adapter: bool = False
+    """Load the run's base model + adapter/ (the whole chain as one PEFT adapter) instead of final/."""
+    max_new_tokens: int = 256
+    """Longest answer, in tokens."""
+    temperature: float = 0.0
+    """0 = greedy (the default); above 0, sampling at this temperature."""
+    chat_template: str | None = None
+    """A Jinja chat template (its text, or a file holding it) instead of the model's own."""
+    seed: int = 0
+    """Seed of the sampling (with temperature > 0)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_dir, str) or not self.run_dir.strip():
+            raise fail(
+                "run_dir", f"must name a run folder, model folder or registry model, got {self.run_dir!r}"
+            )
+        positive_int("max_new_tokens", self.max_new_tokens)
+        positive_int("seed", self.seed, allow_zero=True)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float):
+            raise fail("temperature", f"must be a number >= 0, got {self.temperature!r}")
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise fail("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        for name in ("prompt", "system", "chat_template"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise fail(name, f"must be a non-empty string, got {value!r}")

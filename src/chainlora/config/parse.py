@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -37,11 +38,15 @@ def parse_config(cls: type[T], argv: Sequence[str], *, prog: str, base: Base | N
         "--config", action=ActionConfigFile, help="YAML config file; later arguments override it."
     )
     parser.add_class_arguments(cls, None, sub_configs=True)
+    argv = list(argv)
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            read_yaml_mapping(argv[i + 1])  # one clear line for a missing or broken file
+            mapping = read_yaml_mapping(argv[i + 1])  # one clear line for a missing or broken file
+            coerced = _coerce_shorthands(cls, mapping)
+            if coerced != mapping:  # e.g. `data: FILE`: hand jsonargparse the mapping form
+                argv[i + 1] = json.dumps(coerced)
     try:
-        namespace = parser.parse_args(_bare_flags_true(cls, argv), defaults=base is None)
+        namespace = parser.parse_args(_bare_flags_true(cls, _shorthands(cls, argv)), defaults=base is None)
     except OverflowError as err:  # an integer beyond the float range given to a float field
         pairs = itertools.pairwise(argv)
         option = next((a for a, v in pairs if a.startswith("--") and _overflows(v)), "--?")
@@ -103,6 +108,34 @@ def _bool_options(cls: type, prefix: str = "--") -> set[str]:
         elif dataclasses.is_dataclass(hint):
             options |= _bool_options(hint, f"{prefix}{name}.")
     return options
+
+
+def _shorthand_fields(cls: type) -> dict[str, str]:
+    """Nested config fields whose class names a ``shorthand`` field: ``{"data": "path"}``."""
+    return {
+        name: hint.shorthand
+        for name, hint in typing.get_type_hints(cls).items()
+        if dataclasses.is_dataclass(hint) and isinstance(getattr(hint, "shorthand", None), str)
+    }
+
+
+def _coerce_shorthands(cls: type, mapping: dict[str, Any]) -> dict[str, Any]:
+    """A YAML mapping with ``data: FILE`` written as ``data: {path: FILE}``."""
+    short = _shorthand_fields(cls)
+    return {k: {short[k]: v} if k in short and isinstance(v, str) else v for k, v in mapping.items()}
+
+
+def _shorthands(cls: type, argv: Sequence[str]) -> list[str]:
+    """``--data FILE`` means ``--data.path FILE`` for a nested config whose class names a ``shorthand`` field."""
+    short = {f"--{name}": f"--{name}.{field}" for name, field in _shorthand_fields(cls).items()}
+    out: list[str] = []
+    for arg in argv:
+        option, eq, value = arg.partition("=")
+        if option in short:
+            out.append(short[option] + eq + value)
+        else:
+            out.append(arg)
+    return out
 
 
 def _bare_flags_true(cls: type, argv: Sequence[str]) -> list[str]:

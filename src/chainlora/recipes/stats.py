@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,3 +59,73 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
         t_pvalue=t_p,
         sign_pvalue=sign_p,
     )
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a − b`` over pairs of runs on the same seeds: the mean difference, its confidence interval (Student's t
+    with n − 1 degrees of freedom), the paired t-test's two-sided p-value, and wins / losses / ties of ``a``."""
+
+    n: int
+    mean: float
+    low: float | None  # None with fewer than 2 pairs
+    high: float | None
+    pvalue: float | None  # None with fewer than 2 pairs or identical differences
+    wins: int
+    losses: int
+    ties: int
+    sd: float | None  # standard deviation of the differences
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """The paired comparison of ``a`` against ``b`` (element i of each from the same seed)."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError("paired samples must have the same length")
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    if not diffs:
+        raise ValueError("paired_difference of no pairs")
+    mean = statistics.fmean(diffs)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    ties = len(diffs) - wins - losses
+    if len(diffs) < 2:
+        return PairedDifference(len(diffs), mean, None, None, None, wins, losses, ties, None)
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return PairedDifference(len(diffs), mean, mean, mean, None, wins, losses, ties, 0.0)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    pvalue = float(stats.ttest_rel(a, b).pvalue)
+    return PairedDifference(len(diffs), mean, mean - half, mean + half, pvalue, wins, losses, ties, sd)
+
+
+def seeds_for_power(
+    effect: float, sd_diff: float, *, power: float = 0.8, alpha: float = 0.05, limit: int = 100_000
+) -> int | None:
+    """The fewest pairs with which a two-sided paired t-test at level ``alpha`` detects a true mean difference
+    ``effect`` with probability ``power``, when the paired differences have standard deviation ``sd_diff``
+    (exact, from the noncentral t distribution). None when ``effect`` is 0 or ``limit`` pairs do not suffice."""
+    from scipy import stats
+
+    if effect == 0 or not math.isfinite(effect):
+        return None
+    if sd_diff <= 0:
+        return 2
+
+    def achieved(n: int) -> float:
+        df, nc = n - 1, abs(effect) / (sd_diff / math.sqrt(n))
+        critical = stats.t.ppf(1 - alpha / 2, df)
+        return float(stats.nct.sf(critical, df, nc) + stats.nct.cdf(-critical, df, nc))
+
+    low, high = 2, 2
+    while achieved(high) < power:
+        low, high = high + 1, high * 2
+        if high > limit:
+            return None
+    while low < high:
+        middle = (low + high) // 2
+        if achieved(middle) >= power:
+            high = middle
+        else:
+            low = middle + 1
+    return high

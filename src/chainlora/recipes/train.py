@@ -30,15 +30,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from chainlora import distributed, models, rundir, tasks
+from chainlora import distributed, models, rundir
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import check_ranks_fit, merge_chain
@@ -46,7 +46,7 @@ from chainlora.config import TrainConfig
 from chainlora.errors import ConfigError
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import write_json_atomic
-from chainlora.perf import Speed, resolve_speed
+from chainlora.perf import resolve_speed
 from chainlora.recipes.plots import plot_loss
 from chainlora.recipes.run import Run, run_metrics, train_summary
 from chainlora.recipes.trainer import (
@@ -54,12 +54,13 @@ from chainlora.recipes.trainer import (
     LinkLR,
     RunCallback,
     RunTrainer,
+    SampleGenerations,
     knot_schedule,
     steps_per_epoch,
     training_arguments,
 )
+from chainlora.recipes.workload import Workload, load_workload, scalar_metrics
 from chainlora.schedules import ChainSchedule
-from chainlora.tasks.shared_prompt import SharedPromptCollator, shared_prompt_view
 
 logger = logging.getLogger("chainlora")
 
@@ -70,17 +71,17 @@ logger = logging.getLogger("chainlora")
 def setup(config: TrainConfig) -> Run:
     """Check everything a run needs, in the order that fails fastest, and build the model and datasets.
 
-    Raises a ``ChainLoRAError`` (one line) for a bad output dir, task, data row, model, target module or knot
-    schedule. Writes nothing.
+    Raises a ``ChainLoRAError`` (one line) for a bad output dir, task, data file or row, model, target module or
+    knot schedule. Writes nothing.
     """
     started = time.perf_counter()
     run_dir, resuming = rundir.check_run_dir(config)
-    task = tasks.get_task(config.task)
-    splits = _draw_splits(config, task)
+    workload = load_workload(config)  # every row read and checked, the seed's splits drawn
     speed = resolve_speed(config)
     args = training_arguments(config, run_dir, speed)
     model, tokenizer = models.load(config.model, dtype=speed.torch_base_dtype)
-    train_set, dev_set, collator, speed = _datasets(config, task, splits, tokenizer, speed)
+    train_set, dev_set, collator, batching = workload.datasets(tokenizer, config)
+    speed = dataclasses.replace(speed, batching=batching)
     logger.info("speed: %s", speed.describe())
     epoch_steps = steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
     total_steps = config.max_steps or epoch_steps * config.epochs
@@ -99,8 +100,7 @@ def setup(config: TrainConfig) -> Run:
     return Run(
         config=config,
         run_dir=run_dir,
-        task=task,
-        splits=splits,
+        workload=workload,
         model=model,
         tokenizer=tokenizer,
         train_set=train_set,
@@ -114,48 +114,6 @@ def setup(config: TrainConfig) -> Run:
         resuming=resuming,
         started=started,
     )
-
-
-def _draw_splits(config: TrainConfig, task: tasks.Task) -> tasks.TaskSplits:
-    """The seed's train/dev/test examples (the data source is logged); refuses an empty split the run needs."""
-    data = tasks.load_task_data(task, data=config.data)
-    splits = data.sample(
-        config.seed,
-        num_train=config.num_train,
-        num_dev=config.num_dev,
-        num_eval=config.num_eval,
-        harness_quirks=config.harness_quirks,
-    )
-    if not splits.train:
-        raise ConfigError(f"num_train: task {task.name} drew no training examples")
-    if config.selection != "last" and not splits.dev:
-        raise ConfigError(f"selection: {config.selection!r} needs a dev set, but task {task.name} drew none")
-    if config.num_eval and not splits.test:
-        raise ConfigError(f"num_eval: task {task.name} drew no test examples")
-    return splits
-
-
-def _datasets(
-    config: TrainConfig,
-    task: tasks.Task,
-    splits: tasks.TaskSplits,
-    tokenizer: PreTrainedTokenizerBase,
-    speed: Speed,
-) -> tuple[Any, Any | None, Callable, Speed]:
-    """Train and dev sets in the task's training view and their collator: one row per example (the shared
-    prompt) where every example qualifies and ``shared_prompt`` is on, else the harness's rows."""
-    train_set = tasks.build_training_dataset(task, splits.train, tokenizer, max_length=config.max_length)
-    dev_set = None
-    if splits.dev:
-        dev_set = tasks.build_training_dataset(task, splits.dev, tokenizer, max_length=config.max_length)
-    collator: Callable = tasks.TrainingCollator(tokenizer)
-    if config.shared_prompt:
-        train_view = shared_prompt_view(train_set)
-        dev_view = shared_prompt_view(dev_set) if dev_set is not None else None
-        if train_view is not None and (dev_set is None or dev_view is not None):
-            train_set, dev_set, collator = train_view, dev_view, SharedPromptCollator(tokenizer)
-            speed = dataclasses.replace(speed, batching="shared_prompt")
-    return train_set, dev_set, collator, speed
 
 
 def _check_lora_targets(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -179,34 +137,23 @@ def _check_lora_targets(model: torch.nn.Module, config: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------ zero-shot
 
 
-def score(run: Run, model: torch.nn.Module, examples: Sequence[tasks.Example]) -> dict[str, Any]:
-    """The task's metric of ``model`` on ``examples`` (eval mode; the model's mode is restored)."""
-    return tasks.evaluate(
-        model,
-        run.tokenizer,
-        run.task,
-        examples,
-        batch_size=run.config.eval_batch_size,
-        max_length=run.config.max_length,
-    )
-
-
-def zero_shot(run: Run) -> float | None:
-    """Test score of the pretrained model (before any LoRA is added); cached in the run dir for resume."""
-    if not run.config.zero_shot or not run.splits.test:
+def zero_shot(run: Run) -> dict[str, Any] | None:
+    """The pretrained model's test metrics (before any LoRA is added); cached in the run dir for resume."""
+    if not run.config.zero_shot or not run.workload.test:
         return None
     cached = run.run_dir / rundir.ZERO_SHOT_FILE
     if run.resuming and cached.is_file():
-        run.zero_shot_score = float(json.loads(cached.read_text())["test_score"])
-        return run.zero_shot_score
-    logger.info("scoring the pretrained model (0-shot) on %d test examples", len(run.splits.test))
+        run.zero_shot = json.loads(cached.read_text())
+        return run.zero_shot
+    logger.info("scoring the pretrained model (0-shot) on %d test examples", len(run.workload.test))
     run.model.to(run.args.device)
-    result = score(run, run.model, run.splits.test)
-    run.zero_shot_score = float(result["score"])
+    result = scalar_metrics(run.workload.evaluate(run.model, run.tokenizer, "test"))
+    run.zero_shot = {"test_score": result.get("score"), "metric": run.workload.metric, "metrics": result}
     if run.args.should_save:
-        write_json_atomic(cached, {"test_score": run.zero_shot_score, "metric": result["metric"]})
-    logger.info("0-shot test %s: %.4f", result["metric"], run.zero_shot_score)
-    return run.zero_shot_score
+        write_json_atomic(cached, run.zero_shot)
+    if run.zero_shot["test_score"] is not None:
+        logger.info("0-shot test %s: %.4f", run.workload.metric, run.zero_shot["test_score"])
+    return run.zero_shot
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -240,6 +187,10 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
     from torch.utils.tensorboard import SummaryWriter
 
     config = run.config
+    # the dev score costs a pass of scoring (generation, for your data): made when it selects, or for a task
+    score_on_dev = (
+        config.selection == "dev_score" or config.task is not None or run.workload.metric == "accuracy"
+    )
     chain = None
     if run.schedule is not None:
         chain = ChainOfLoRACallback(
@@ -248,7 +199,12 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
             seed=config.train_seed,
             max_relative_delta=config.chain.max_relative_delta,
         )
-    tb_writer = SummaryWriter(log_dir=str(run.run_dir / rundir.TB_DIR)) if run.args.should_save else None
+    to_tensorboard = "tensorboard" in config.report_to
+    tb_writer = (
+        SummaryWriter(log_dir=str(run.run_dir / rundir.TB_DIR))
+        if run.args.should_save and to_tensorboard
+        else None
+    )
     run_callback = RunCallback(
         run.run_dir,
         selection=config.selection,
@@ -261,6 +217,10 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
     all_callbacks: list[TrainerCallback] = [c for c in (guard, chain, run_callback) if c is not None]
     if tb_writer is not None:
         all_callbacks.append(TensorBoardCallback(tb_writer=tb_writer))
+    if config.data.eval_samples and run.workload.samples is not Workload.samples:
+        all_callbacks.append(
+            SampleGenerations(run.workload, run.tokenizer, run.run_dir, tb_writer, run.args.should_save)
+        )
     knots = run.schedule.knots if isinstance(run.schedule, ChainSchedule) else ()  # jagged needs fixed knots
     trainer = RunTrainer(
         model=run.model,
@@ -271,7 +231,10 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
         callbacks=[*all_callbacks, *callbacks, CheckpointSeal()],  # the seal last: it completes a checkpoint
         lr_lambda=LinkLR(config.lr_schedule, run.total_steps, config.warmup, knots),
         nonfinite_guard=guard,
-        dev_score=lambda model: score(run, model, run.splits.dev)["score"],
+        loss=run.workload.loss,
+        evaluate_dev=lambda model: scalar_metrics(
+            run.workload.evaluate(model, run.tokenizer, "dev", score=score_on_dev)
+        ),
     )
     return trainer, run_callback
 
@@ -307,7 +270,7 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     if config.method != "full":
         model = merge_chain(model)
     model.eval()
-    test = score(run, model, run.splits.test) if run.splits.test else None
+    test = run.workload.evaluate(model, run.tokenizer, "test") if run.workload.test else None
     knots = run_callback.chain.knots if run_callback.chain else []
     metrics = run_metrics(run, trainer.state, selected_step, test, knots, adapter, train_seconds)
     if run.args.should_save:
@@ -317,7 +280,7 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
             metrics["train_loss"],
             dev_loss=[(e["step"], e["dev_loss"]) for e in metrics["dev_history"]],
             knots=[k["step"] for k in metrics["knots"]],
-            title=f"{run.task.name} · {config.method} · {config.model}",
+            title=f"{run.workload.name} · {config.method} · {config.model}",
         )
         rundir.write_metrics(run.run_dir, metrics)  # last: the run is complete
     trainer.accelerator.wait_for_everyone()  # no process may still be reading best/ or a checkpoint

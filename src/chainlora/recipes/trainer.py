@@ -55,7 +55,8 @@ def training_arguments(config: TrainConfig, run_dir: Path, speed: Speed) -> Trai
         "save_total_limit": 2,  # the newest can be incomplete (killed while saving): keep one more
         "logging_strategy": "steps",
         "logging_steps": config.logging_steps,
-        "report_to": [],
+        # TensorBoard is the run's own writer (RunCallback, TensorBoardCallback); the Trainer adds the others
+        "report_to": [r for r in config.report_to if r not in ("tensorboard", "none")],
         "seed": config.train_seed,
         "data_seed": config.train_seed,
         **speed.training_arguments(),
@@ -142,42 +143,31 @@ class LinkLR:
         return max(0.0, (length - t) / max(1, length - warmup))
 
 
-@torch.no_grad()
-def dataset_loss(model: torch.nn.Module, dataset: Any, collator: Callable, batch_size: int) -> float:
-    """The training loss over ``dataset`` (the dev loss), averaged over examples; the model's mode is kept."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(items).items()}
-            total += float(tasks.compute_loss(model, batch)) * len(items)
-            count += len(items)
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
-
-
 class RunTrainer(tasks.TaskTrainer):
-    """``tasks.TaskTrainer`` (the task's loss for either batch form, length-grouped batches seeded per epoch) with
-    the pure LR schedule ``lr_lambda``, analytic FLOPs, dev evaluation (``eval_loss``: the training loss on dev,
-    ``eval_score``: ``dev_score(model)``, the task's metric) and ``nonfinite_guard`` fed every micro-batch loss."""
+    """``tasks.TaskTrainer`` (length-grouped batches seeded per epoch) training with the workload's ``loss`` (one
+    function per workload, ``chainlora.recipes.workload``), the pure LR schedule ``lr_lambda``, analytic FLOPs,
+    dev evaluation (``evaluate_dev(model)``: ``loss``, and ``score`` and more where measured, logged as
+    ``eval_<name>``) and ``nonfinite_guard`` fed every micro-batch loss."""
 
     def __init__(
         self,
         *args: Any,
         lr_lambda: LinkLR,
         nonfinite_guard: NonFiniteGuard,
-        dev_score: Callable[[torch.nn.Module], float],
+        loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+        evaluate_dev: Callable[[torch.nn.Module], dict[str, float]],
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lr_lambda = lr_lambda
         self.nonfinite_guard = nonfinite_guard
-        self.dev_score = dev_score
+        self.loss = loss
+        self.evaluate_dev = evaluate_dev
         self.model_accepts_loss_kwargs = False  # the loss ignores num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self.loss(model, inputs)
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -203,13 +193,9 @@ class RunTrainer(tasks.TaskTrainer):
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Dev evaluation: the task score (``eval_score``) and the training loss on dev (``eval_loss``)."""
-        metrics = {
-            f"{metric_key_prefix}_loss": dataset_loss(
-                self.model, self.eval_dataset, self.data_collator, self.args.per_device_eval_batch_size
-            ),
-            f"{metric_key_prefix}_score": float(self.dev_score(self.model)),
-        }
+        """Dev evaluation: ``eval_loss`` (the training loss on dev), ``eval_score`` (the metric) where measured,
+        and the workload's other numbers (e.g. ``eval_perplexity``)."""
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_dev(self.model).items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -288,6 +274,35 @@ class RunCallback(TrainerCallback):
             rundir.save_train_seconds(
                 rundir.checkpoint_dir(args.output_dir, state.global_step), self.train_seconds
             )
+
+
+class SampleGenerations(TrainerCallback):
+    """At every dev evaluation, a few answers to look at (prompt, reference, output) from the model as it is: in
+    TensorBoard (``samples`` text) and in ``RUN_DIR/samples/step-N.jsonl`` (rewritten if a resumed run replays
+    the step). ``workload.samples`` decides which (none for the benchmark tasks)."""
+
+    def __init__(self, workload: Any, tokenizer: Any, run_dir: Path, tb_writer: Any, main: bool) -> None:
+        self.workload, self.tokenizer, self.run_dir, self.tb_writer, self.main = (
+            workload,
+            tokenizer,
+            run_dir,
+            tb_writer,
+            main,
+        )
+
+    def on_evaluate(self, args, state, control, model=None, **kw):
+        if model is None or not self.main:
+            return
+        samples = self.workload.samples(model, self.tokenizer)
+        if not samples:
+            return
+        rundir.write_samples(self.run_dir, state.global_step, samples)
+        if self.tb_writer is not None:
+            text = "\n\n".join(
+                f"**prompt**\n\n```\n{s['prompt']}\n```\n\n**reference** {s['reference']}\n\n**output** {s['output']}"
+                for s in samples
+            )
+            self.tb_writer.add_text("samples", text, state.global_step)
 
 
 class CheckpointSeal(TrainerCallback):

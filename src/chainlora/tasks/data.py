@@ -141,7 +141,7 @@ def _package_source(task: Task) -> DataSource | None:
 
 
 def find_package_data(package: str, relative: str) -> Path | None:
-    """The data folder ``relative`` inside an installed package, located without importing the package."""
+    """The file or folder ``relative`` inside an installed package, located without importing the package."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -149,9 +149,9 @@ def find_package_data(package: str, relative: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        folder = Path(location) / relative
-        if folder.is_dir():
-            return folder
+        found = Path(location) / relative
+        if found.exists():
+            return found
     return None
 
 
