@@ -5,7 +5,8 @@
 * ``precision: auto`` / ``base_dtype: auto``: bf16 autocast on a bf16 base where the device has bf16 matmuls,
   LoRA parameters in fp32, knots exact through fp32 master copies kept on the CPU;
 * AdamW fused where torch has the kernel;
-* ``compile``: on CUDA by default; a compiled graph survives a knot without recompiling.
+* ``compile``: on CUDA by default; a compiled graph survives a knot without recompiling; under ``auto`` a
+  compilation that fails falls back to eager (``on`` fails loudly).
 
 Every automatic choice that differs on CUDA (``chainlora.perf``'s list) is checked here on the CPU, from
 made-up device capabilities.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -151,6 +154,87 @@ def test_attention_is_sdpa_and_scoring_batches_follow_the_device(tiny_llama_dir)
     assert model.config._attn_implementation == "sdpa"
     assert tasks.scoring.default_forward_cost("cpu") == 48.0
     assert tasks.scoring.default_forward_cost("cuda") == math.inf
+
+
+# ------------------------------------------------------------------ compile: auto falls back to eager
+
+
+def sst2_folder(folder: Path, rows: int = 24) -> Path:
+    """SST-2 rows of random words in the task's file layout (no ``../shared`` needed)."""
+    rng = random.Random(0)
+    words = ["good", "bad", "film", "great", "plot", "terrible", "story", "fun", "long", "dull"]
+    folder.mkdir(parents=True)
+    for split in ("train", "validation"):
+        lines = [
+            json.dumps(
+                {"sentence": " ".join(rng.choices(words, k=rng.randint(3, 9))), "label": i % 2, "idx": i}
+            )
+            for i in range(rows)
+        ]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def failing_backend(where: str):
+    """A ``torch.compile`` backend that raises while compiling the forward, or (lazily) the backward."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fail(gm, example_inputs):
+        raise RuntimeError(f"forced {where} compile failure")
+
+    if where == "forward":
+        return fail
+    return aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=fail)
+
+
+@pytest.fixture(scope="module")
+def sst2_run(sst2_model_dir, tmp_path_factory):
+    data = sst2_folder(tmp_path_factory.mktemp("sst2") / "sst2")
+    args = ["--model", str(sst2_model_dir), "--task", "sst2", "--data", str(data), *SMALL]
+    args += ["--method", "cola", "--chain.length", "2", "--lr", "1e-2", "--precision", "fp32"]
+
+    def config(out: Path, compile_: str) -> TrainConfig:
+        return parse_config(
+            TrainConfig, [*args, "--output_dir", str(out), "--compile", compile_], prog="test"
+        )
+
+    eager = train(config(tmp_path_factory.mktemp("eager") / "run", "off"))
+    return config, eager
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_compile_auto_falls_back_to_eager_when_compiling_fails(
+    sst2_run, where, tmp_path, monkeypatch, caplog
+):
+    """``compile: auto`` resolved to on (made-up CUDA capabilities) with a backend that fails: one warning line,
+    metrics.json says why, and the run trains exactly like the eager run (the failed step is redone)."""
+    config, eager = sst2_run
+    monkeypatch.setattr(perf, "capabilities", lambda device: V100)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend(where)))
+    with caplog.at_level(logging.WARNING, logger="chainlora"):
+        metrics = train(config(tmp_path / "auto", "auto"))
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "chainlora" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0], warnings
+    assert metrics["speed"]["compile"].startswith("failed → eager: ")
+    assert f"forced {where} compile failure" in metrics["speed"]["compile"]
+    assert not metrics["speed"]["compiled"] and eager["speed"]["compile"] == "off"
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["speed"] == metrics["speed"]
+    assert metrics["knots"] == eager["knots"] and len(metrics["knots"]) == 1
+    for mine, theirs in zip(metrics["train_loss"], eager["train_loss"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+def test_compile_on_fails_loudly(sst2_run, tmp_path, monkeypatch):
+    config, _ = sst2_run
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend("forward"))
+    )
+    with pytest.raises(Exception, match="forced forward compile failure"):
+        train(config(tmp_path / "on", "on"))
 
 
 def test_shared_prompt_batches_train_exactly_like_the_harness_rows(sst2_model_dir, shared_data, tmp_path):

@@ -18,8 +18,10 @@ with made-up capabilities; ``bench/gpu_suite.py`` measures them on a GPU (BENCHM
 * **AdamW**: ``fused=True`` wherever torch has the fused kernel: CUDA, and the CPU from torch 2.4
   (:func:`fused_adamw_supported`; the same steps as the default kernel, ``tests/test_bench_smoke.py``).
 * **torch.compile** (``compile: auto``): on for CUDA, off on the CPU, where compiling takes 68–79 s and is repaid
-  only after ~300 steps of 4×128 tokens (§1) (:func:`compile_by_default`). Not timed on a GPU yet. A knot
-  re-initialises the links in place, so the parameters stay the same
+  only after ~300 steps of 4×128 tokens (§1) (:func:`compile_by_default`). Not timed on a GPU yet. Under
+  ``auto``, if compiling or a compiled step raises, the run goes on eagerly after one warning line and
+  metrics.json records ``speed.compile: "failed → eager: <reason>"`` (``chainlora.recipes.trainer.RunTrainer``);
+  ``compile: on`` fails loudly. A knot re-initialises the links in place, so the parameters stay the same
   objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that).
 * **fp32 master copies** of a half-precision base (``tie_knot``, so that repeated knots stay exact): on the CPU
   whatever the weight's device, since they are read only at a knot: on a GPU they take no accelerator memory
@@ -117,7 +119,7 @@ class Speed:
     base_dtype: Precision  # dtype of the frozen base (LoRA weights, gradients, optimizer state stay fp32)
     optim: str  # TrainingArguments.optim: "adamw_torch_fused", "adamw_torch", "sgd" or "adagrad"
     compiled: bool = False  # torch.compile of the model (CUDA only by default, see the module docstring)
-    compile: str = "off"  # how it was decided: "on", "off", "auto → on" or "auto → off"
+    compile: str = "off"  # how: "on", "off", "auto → on", "auto → off", or "failed → eager: <reason>"
     batching: Batching = "rows"  # one row per candidate (the harness) or per example (shared prompt)
     group_by_length: bool = True  # length-grouped training batches
 
