@@ -39,6 +39,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         arch="llama", hidden=64, layers=2, heads=4, ffn=128, vocab=320, targets=["q_proj", "v_proj"]
     ),
+    "tiny-opt": dict(  # the OPT code path of the smoke runs
+        arch="opt", hidden=64, layers=2, heads=4, ffn=128, vocab=320, targets=["q_proj", "v_proj"]
+    ),
 }
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls transformers' deprecated names

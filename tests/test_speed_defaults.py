@@ -5,13 +5,20 @@
 * ``precision: auto`` / ``base_dtype: auto``: bf16 autocast on a bf16 base where the device has bf16 matmuls,
   LoRA parameters in fp32, knots exact through fp32 master copies kept on the CPU;
 * AdamW fused where torch has the kernel;
-* ``compile``: on CUDA by default; a compiled graph survives a knot without recompiling.
+* ``compile``: on CUDA by default; a compiled graph survives a knot without recompiling; under ``auto`` a
+  compilation that fails falls back to eager (``on`` fails loudly).
+
+Every automatic choice that differs on CUDA (``chainlora.perf``'s list) is checked here on the CPU, from
+made-up device capabilities.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -19,11 +26,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from chainlora import perf, tasks
+from chainlora import models, perf, tasks
+from chainlora.chain import master_copy, master_device
 from chainlora.cli import main
 from chainlora.config import TrainConfig, parse_config
+from chainlora.errors import ConfigError
 from chainlora.links import layer_chain, lora_layers
-from chainlora.perf import resolve_speed
+from chainlora.perf import Capabilities, resolve_speed
 from chainlora.recipes.train import train
 from chainlora.tasks.training import EpochSeededLengthGroupedSampler
 from chainlora.testing import tiny_model_dir
@@ -64,14 +73,168 @@ def test_auto_settings_follow_the_device():
     assert (full.precision, full.base_dtype) == (defaults.precision, "fp32")  # trained weights stay fp32
     assert resolve_speed(TrainConfig(method="lora", precision="fp32")).base_dtype == "fp32"
     assert resolve_speed(TrainConfig(method="lora", optimizer="sgd")).optim == "sgd"
-    assert cola.compiled == defaults.compiled  # CUDA only
-    assert (
-        resolve_speed(TrainConfig(compile="on")).compiled
-        and not resolve_speed(TrainConfig(compile="off")).compiled
-    )
+    assert (cola.compiled, cola.compile) == (defaults.compiled, defaults.compile)  # CUDA only
+    on, off = resolve_speed(TrainConfig(compile="on")), resolve_speed(TrainConfig(compile="off"))
+    assert (on.compiled, on.compile, off.compiled, off.compile) == (True, "on", False, "off")
     defaults_of_the_cli = TrainConfig()
     assert defaults_of_the_cli.group_by_length and defaults_of_the_cli.shared_prompt
     assert (defaults_of_the_cli.precision, defaults_of_the_cli.base_dtype) == ("auto", "auto")
+
+
+# ------------------------------------------------- the automatic choices that differ on CUDA, decided on a CPU
+
+H100 = Capabilities("cuda", bf16=True, fused_adamw=True)
+V100 = Capabilities("cuda", bf16=False, fused_adamw=True)  # no bf16 matmuls before Ampere
+AMX_CPU = Capabilities("cpu", bf16=True, fused_adamw=True)
+OLD_CPU = Capabilities("cpu", bf16=False, fused_adamw=False)  # no AVX512-BF16; torch < 2.4
+
+
+@pytest.mark.parametrize(
+    ("caps", "precision", "optim", "compile_"),
+    [
+        (H100, "bf16", "adamw_torch_fused", "auto → on"),
+        (V100, "fp32", "adamw_torch_fused", "auto → on"),
+        (AMX_CPU, "bf16", "adamw_torch_fused", "auto → off"),
+        (OLD_CPU, "fp32", "adamw_torch", "auto → off"),
+    ],
+)
+def test_each_automatic_choice_follows_the_capabilities(caps, precision, optim, compile_):
+    """autocast, base dtype, fused AdamW and compile, from made-up capabilities (``perf``'s list)."""
+    defaults = perf.speed_defaults(caps)
+    assert (defaults.precision, defaults.optim, defaults.compile) == (precision, optim, compile_)
+    assert defaults.compiled == (compile_ == "auto → on") == perf.compile_by_default(caps)
+    cola = resolve_speed(TrainConfig(method="cola"), caps)
+    assert (cola.precision, cola.base_dtype, cola.optim, cola.compile) == (
+        precision,
+        precision,
+        optim,
+        compile_,
+    )
+    full = resolve_speed(TrainConfig(method="full"), caps)
+    assert (full.precision, full.base_dtype) == (precision, "fp32")
+    assert resolve_speed(TrainConfig(method="cola", optimizer="sgd"), caps).optim == "sgd"
+    assert not resolve_speed(TrainConfig(compile="off"), caps).compiled
+    if caps.device == "cpu":
+        with pytest.raises(ConfigError, match="fp16 autocast needs a GPU"):
+            resolve_speed(TrainConfig(precision="fp16"), caps)
+    else:
+        assert resolve_speed(TrainConfig(precision="fp16"), caps).base_dtype == "fp16"
+
+
+def test_capabilities_are_read_from_torch(monkeypatch):
+    """bf16: ``torch.cuda.is_bf16_supported()`` on CUDA, oneDNN's check on the CPU; fused AdamW: torch's list."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16 in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert perf.capabilities("cuda") == Capabilities("cuda", bf16=bf16, fused_adamw=True)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda bf16=bf16: bf16)
+        assert perf.capabilities("cpu").bf16 is bf16
+    assert perf.training_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not perf.bf16_supported("cuda") and perf.training_device() == torch.device("cpu")
+
+
+def test_fp32_masters_stay_on_the_cpu_whatever_the_weight_device():
+    """On a GPU the masters take no accelerator memory; an FSDP2 shard keeps its own beside it."""
+    assert master_device(torch.device("cuda", 1)) == torch.device("cpu")
+    assert master_device("cuda:1", sharded=True) == torch.device("cuda", 1)
+    assert master_device("cpu") == torch.device("cpu")
+    weight = torch.randn(4, 4, dtype=torch.bfloat16)
+    master = master_copy(weight)
+    assert (master.dtype, master.device.type) == (
+        torch.float32,
+        "cpu",
+    ) and master.data_ptr() != weight.data_ptr()
+
+
+def test_attention_is_sdpa_and_scoring_batches_follow_the_device(tiny_llama_dir):
+    """chainlora never sets ``attn_implementation``: transformers' default, SDPA, on every device. Prefix
+    batches are cut by a measured forward cost on the CPU, kept full where it was not measured (CUDA)."""
+    model, _ = models.load(str(tiny_llama_dir))
+    assert model.config._attn_implementation == "sdpa"
+    assert tasks.scoring.default_forward_cost("cpu") == 48.0
+    assert tasks.scoring.default_forward_cost("cuda") == math.inf
+
+
+# ------------------------------------------------------------------ compile: auto falls back to eager
+
+
+def sst2_folder(folder: Path, rows: int = 24) -> Path:
+    """SST-2 rows of random words in the task's file layout (no ``../shared`` needed)."""
+    rng = random.Random(0)
+    words = ["good", "bad", "film", "great", "plot", "terrible", "story", "fun", "long", "dull"]
+    folder.mkdir(parents=True)
+    for split in ("train", "validation"):
+        lines = [
+            json.dumps(
+                {"sentence": " ".join(rng.choices(words, k=rng.randint(3, 9))), "label": i % 2, "idx": i}
+            )
+            for i in range(rows)
+        ]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def failing_backend(where: str):
+    """A ``torch.compile`` backend that raises while compiling the forward, or (lazily) the backward."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fail(gm, example_inputs):
+        raise RuntimeError(f"forced {where} compile failure")
+
+    if where == "forward":
+        return fail
+    return aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=fail)
+
+
+@pytest.fixture(scope="module")
+def sst2_run(sst2_model_dir, tmp_path_factory):
+    data = sst2_folder(tmp_path_factory.mktemp("sst2") / "sst2")
+    args = ["--model", str(sst2_model_dir), "--task", "sst2", "--data", str(data), *SMALL]
+    args += ["--method", "cola", "--chain.length", "2", "--lr", "1e-2", "--precision", "fp32"]
+
+    def config(out: Path, compile_: str) -> TrainConfig:
+        return parse_config(
+            TrainConfig, [*args, "--output_dir", str(out), "--compile", compile_], prog="test"
+        )
+
+    eager = train(config(tmp_path_factory.mktemp("eager") / "run", "off"))
+    return config, eager
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_compile_auto_falls_back_to_eager_when_compiling_fails(
+    sst2_run, where, tmp_path, monkeypatch, caplog
+):
+    """``compile: auto`` resolved to on (made-up CUDA capabilities) with a backend that fails: one warning line,
+    metrics.json says why, and the run trains exactly like the eager run (the failed step is redone)."""
+    config, eager = sst2_run
+    monkeypatch.setattr(perf, "capabilities", lambda device: V100)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend(where)))
+    with caplog.at_level(logging.WARNING, logger="chainlora"):
+        metrics = train(config(tmp_path / "auto", "auto"))
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "chainlora" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0], warnings
+    assert metrics["speed"]["compile"].startswith("failed → eager: ")
+    assert f"forced {where} compile failure" in metrics["speed"]["compile"]
+    assert not metrics["speed"]["compiled"] and eager["speed"]["compile"] == "off"
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["speed"] == metrics["speed"]
+    assert metrics["knots"] == eager["knots"] and len(metrics["knots"]) == 1
+    for mine, theirs in zip(metrics["train_loss"], eager["train_loss"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+def test_compile_on_fails_loudly(sst2_run, tmp_path, monkeypatch):
+    config, _ = sst2_run
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compile_(model, backend=failing_backend("forward"))
+    )
+    with pytest.raises(Exception, match="forced forward compile failure"):
+        train(config(tmp_path / "on", "on"))
 
 
 def test_shared_prompt_batches_train_exactly_like_the_harness_rows(sst2_model_dir, shared_data, tmp_path):
@@ -124,6 +287,7 @@ def test_bf16_defaults_keep_lora_fp32_and_knots_exact_through_cpu_masters(
         "base_dtype": "bf16",
         "optim": perf.speed_defaults("cpu").optim,
         "compiled": False,
+        "compile": "auto → off",
         "batching": "shared_prompt",
         "group_by_length": True,
     }

@@ -41,6 +41,7 @@ __all__ = [
     "link_delta",
     "link_delta_norm_sq",
     "master_copy",
+    "master_device",
     "merge_chain",
     "reset_optimizer_state",
     "set_peft_rank",
@@ -77,13 +78,19 @@ def link_delta(layer: LoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Ten
     return delta, (bias.float() * scaling if bias is not None else None)
 
 
+def master_device(weight_device: str | torch.device, *, sharded: bool = False) -> torch.device:
+    """Where the fp32 master copy of a half-precision weight on ``weight_device`` lives: on the CPU, whatever the
+    weight's device (it is read only at a knot, so it costs no accelerator memory: COLA memory = LoRA memory),
+    except for an FSDP2 shard, whose master stays beside it (each process keeps the master of its own shard)."""
+    return torch.device(weight_device) if sharded else torch.device("cpu")
+
+
 def master_copy(weight: torch.Tensor) -> torch.Tensor:
-    """The fp32 master copy of a half-precision base weight, kept on the CPU: it is read only at a knot, so
-    it costs no accelerator memory (COLA memory = LoRA memory). An FSDP2 shard keeps its master beside it."""
+    """The fp32 master copy of a half-precision base weight, on :func:`master_device`."""
     weight = weight.detach()
     if distributed.is_sharded(weight):
         return weight.float().clone()
-    return weight.to("cpu", torch.float32, copy=True)
+    return weight.to(master_device(weight.device), torch.float32, copy=True)
 
 
 @torch.no_grad()

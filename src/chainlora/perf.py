@@ -2,19 +2,40 @@
 
 One place decides what a fast chainlora run uses, so the benchmarks measure exactly what the recipes run:
 :func:`speed_defaults` gives a device's :class:`Speed`, and :func:`resolve_speed` makes a train config's
-``auto`` settings concrete with it (``chainlora train`` records the result under ``speed`` in metrics.json):
+``auto`` settings concrete with it (``chainlora train`` records the result under ``speed`` in metrics.json).
 
-* ``bf16`` autocast where the hardware has native bf16 matmuls (CUDA with bf16, CPUs with AMX / AVX512-BF16),
-  with the frozen base stored in bf16 too (no weight cast every step, half the weight memory) and the LoRA
-  parameters, their gradients and the optimizer state in fp32 (PEFT keeps adapters in fp32). A knot into a
-  bf16 base stays exact through ``tie_knot``'s fp32 master copies of the targeted weights;
-* AdamW with ``fused=True`` where torch has a fused kernel for the device (CUDA and CPU since torch 2.4);
-* ``torch.compile`` of the model on CUDA only. On CPU it is 1.41× faster once compiled but compiling takes
-  68–79 s, repaid only after ~300 steps of 4×128 tokens (BENCHMARKS.md). A knot re-initialises the links in place, so the parameters stay the same
-  objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that);
-* training batches grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's ``LengthGroupedSampler``
-  over the real lengths), not random batches padded to their longest row; for verbalized classification tasks
-  also one row per example (``chainlora.tasks.shared_prompt.shared_prompt_view``).
+Every automatic choice that differs between CUDA and the CPU, and how each was decided. Each is a pure function
+of :class:`Capabilities` or of a device, so ``tests/test_speed_defaults.py`` checks each decision on the CPU
+with made-up capabilities; ``bench/gpu_suite.py`` measures them on a GPU (BENCHMARKS.md, *GPU*: not run yet).
+
+* **autocast** (``precision: auto``): bf16 where the device has native bf16 matmuls, else fp32. CUDA:
+  ``torch.cuda.is_bf16_supported()`` (Ampere and later); CPU: AMX / AVX512-BF16, as oneDNN reports it
+  (:func:`bf16_supported`). Measured ~1.4× on an AMX CPU (BENCHMARKS.md §1).
+* **frozen base dtype** (``base_dtype: auto``): LoRA/COLA store the base in the autocast dtype (no weight cast
+  every step, half the weight memory: 1.13× and 0.74× memory on the CPU, §1); LoRA weights, their gradients
+  and the AdamW state stay fp32 (PEFT keeps adapters in fp32); full fine-tuning keeps fp32 weights. The same
+  rule on every device (:func:`resolve_speed`).
+* **AdamW**: ``fused=True`` wherever torch has the fused kernel: CUDA, and the CPU from torch 2.4
+  (:func:`fused_adamw_supported`; the same steps as the default kernel, ``tests/test_bench_smoke.py``).
+* **torch.compile** (``compile: auto``): on for CUDA, off on the CPU, where compiling takes 68–79 s and is repaid
+  only after ~300 steps of 4×128 tokens (§1) (:func:`compile_by_default`). Not timed on a GPU yet. Under
+  ``auto``, if compiling or a compiled step raises, the run goes on eagerly after one warning line and
+  metrics.json records ``speed.compile: "failed → eager: <reason>"`` (``chainlora.recipes.trainer.RunTrainer``);
+  ``compile: on`` fails loudly. A knot re-initialises the links in place, so the parameters stay the same
+  objects and a compiled graph survives it without recompiling (``compiled_graph_count`` checks that).
+* **fp32 master copies** of a half-precision base (``tie_knot``, so that repeated knots stay exact): on the CPU
+  whatever the weight's device, since they are read only at a knot: on a GPU they take no accelerator memory
+  (COLA's GPU memory = LoRA's). An FSDP2 shard keeps its master beside it (``chainlora.chain.master_device``).
+* **attention**: SDPA on every device, transformers' default when ``attn_implementation`` is unset (chainlora
+  never sets it); torch picks the kernel per call (flash, memory-efficient or cuDNN on CUDA; flash or math on
+  the CPU).
+* **prefix-batched scoring**: batches are cut where the padding saved outweighs a forward on the CPU (48 tokens,
+  measured); full batches elsewhere, not measured (``chainlora.tasks.scoring.default_forward_cost``).
+* **the training device**: CUDA whenever torch sees one (:func:`training_device`).
+
+On every device, training batches are grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's
+``LengthGroupedSampler`` over the real lengths), and verbalized classification tasks train on one row per example
+(``chainlora.tasks.shared_prompt.shared_prompt_view``).
 """
 
 from __future__ import annotations
@@ -65,6 +86,31 @@ def fused_adamw_supported(device: str | torch.device) -> bool:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What the automatic choices depend on: read from torch by :func:`capabilities`, made up by tests."""
+
+    device: str  # device type: "cuda", "cpu", ...
+    bf16: bool  # native bf16 matmuls (bf16_supported)
+    fused_adamw: bool  # torch has a fused AdamW kernel for the device (fused_adamw_supported)
+
+
+def capabilities(device: str | torch.device) -> Capabilities:
+    """``device``'s capabilities, as torch reports them."""
+    device = torch.device(device)
+    return Capabilities(device.type, bf16_supported(device), fused_adamw_supported(device))
+
+
+def training_device() -> torch.device:
+    """Where ``chainlora train`` trains: CUDA whenever torch sees it (the Trainer's ``use_cpu`` follows it)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compile_by_default(caps: Capabilities) -> bool:
+    """``compile: auto``: on for CUDA only (on the CPU compiling costs 68–79 s, repaid after ~300 steps)."""
+    return caps.device == "cuda"
+
+
+@dataclass(frozen=True)
 class Speed:
     """How a training run computes. :func:`speed_defaults` gives a device's fastest settings, :func:`resolve_speed`
     a train config's; ``metrics.json`` records them under ``speed`` (these fields, in this order)."""
@@ -73,6 +119,7 @@ class Speed:
     base_dtype: Precision  # dtype of the frozen base (LoRA weights, gradients, optimizer state stay fp32)
     optim: str  # TrainingArguments.optim: "adamw_torch_fused", "adamw_torch", "sgd" or "adagrad"
     compiled: bool = False  # torch.compile of the model (CUDA only by default, see the module docstring)
+    compile: str = "off"  # how: "on", "off", "auto → on", "auto → off", or "failed → eager: <reason>"
     batching: Batching = "rows"  # one row per candidate (the harness) or per example (shared prompt)
     group_by_length: bool = True  # length-grouped training batches
 
@@ -99,25 +146,27 @@ class Speed:
         }
 
 
-def speed_defaults(device: str | torch.device) -> Speed:
-    """The measured-fastest settings for ``device`` (see BENCHMARKS.md for the figures behind each)."""
-    device = torch.device(device)
-    precision: Precision = "bf16" if bf16_supported(device) else "fp32"
+def speed_defaults(device: str | torch.device | Capabilities) -> Speed:
+    """The measured-fastest settings for ``device`` (see the module docstring and BENCHMARKS.md)."""
+    caps = device if isinstance(device, Capabilities) else capabilities(device)
+    precision: Precision = "bf16" if caps.bf16 else "fp32"
+    compiled = compile_by_default(caps)
     return Speed(
         precision=precision,
         base_dtype=precision,
-        optim="adamw_torch_fused" if fused_adamw_supported(device) else "adamw_torch",
-        compiled=device.type == "cuda",
+        optim="adamw_torch_fused" if caps.fused_adamw else "adamw_torch",
+        compiled=compiled,
+        compile="auto → on" if compiled else "auto → off",
     )
 
 
-def resolve_speed(config: TrainConfig) -> Speed:
-    """``precision``/``base_dtype``/``compile`` ``auto`` → :func:`speed_defaults` of the training device; AdamW
-    fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = speed_defaults(device)
+def resolve_speed(config: TrainConfig, caps: Capabilities | None = None) -> Speed:
+    """``precision``/``base_dtype``/``compile`` ``auto`` → :func:`speed_defaults` of the training device (or of
+    ``caps``); AdamW fused where torch has the kernel. Refuses a precision the device cannot run, in one line."""
+    caps = caps or capabilities(training_device())
+    defaults = speed_defaults(caps)
     precision = defaults.precision if config.precision == "auto" else config.precision
-    if precision == "fp16" and device.type == "cpu":
+    if precision == "fp16" and caps.device == "cpu":
         raise ConfigError("precision: fp16 autocast needs a GPU; use bf16 or fp32 on the CPU")
     if config.method == "full":
         base_dtype = "fp32"  # the trained weights and their AdamW state stay fp32
@@ -132,6 +181,7 @@ def resolve_speed(config: TrainConfig) -> Speed:
         base_dtype=base_dtype,
         optim=optim,
         compiled=compiled,
+        compile=defaults.compile if config.compile == "auto" else config.compile,
         group_by_length=config.group_by_length,
     )
 

@@ -237,8 +237,10 @@ class TrainConfig:
     master copies of the targeted weights, kept on the CPU. Full fine-tuning always keeps fp32 weights."""
     compile: CompileMode = "auto"
     """torch.compile the model: on, off, or auto = on where it pays (CUDA: chainlora.perf.speed_defaults), off on
-    the CPU, where compiling takes over a minute and is repaid only after ~300 steps (BENCHMARKS.md §1). A knot
-    re-initialises the links in place, so the compiled graph survives it; a rank change compiles once more."""
+    the CPU, where compiling takes over a minute and is repaid only after ~300 steps (BENCHMARKS.md §1). Under
+    auto, if compiling or a compiled step raises, the run trains eagerly after one warning (metrics.json:
+    speed.compile "failed → eager: <reason>"); on fails loudly. A knot re-initialises the links in place, so
+    the compiled graph survives it; a rank change compiles once more."""
     group_by_length: bool = True
     """Batch examples of similar token length together (HF's length grouping, seeded per epoch by
     train_seed) instead of random batches padded to their longest row (BENCHMARKS.md §3)."""

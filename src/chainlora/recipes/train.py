@@ -4,6 +4,7 @@
     start_run_dir(...)     create (or clear) the run directory, config.yaml first          (chainlora.rundir)
     zero_shot(run)         score the pretrained model on the test set (cached in the run dir for --resume)
     fit(run)               add the first link; HF Trainer + ChainOfLoRACallback; dev evaluation every epoch
+                           (``compile: auto`` trains eagerly if compiling fails: ``speed.compile`` says why)
     finish(run, trainer)   restore the best dev state, export adapter/, merge, test, final/, metrics.json last
 
 The run directory's names and rules are ``chainlora.rundir``; the Trainer, its LR schedule and callbacks are
@@ -235,6 +236,7 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
         evaluate_dev=lambda model: scalar_metrics(
             run.workload.evaluate(model, run.tokenizer, "dev", score=score_on_dev)
         ),
+        compile_fallback=run.speed.compile == "auto → on",  # compile: on fails loudly instead
     )
     return trainer, run_callback
 
@@ -246,6 +248,10 @@ def fit(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[RunTrainer
     if run.checkpoint is not None:
         logger.info("resuming from %s", run.checkpoint)
     trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    if trainer.compile_failure is not None:
+        run.speed = dataclasses.replace(
+            run.speed, compiled=False, compile=f"failed → eager: {trainer.compile_failure}"
+        )
     return trainer, run_callback
 
 

@@ -6,7 +6,8 @@ arguments, a knot schedule and an LR schedule; dev evaluation; the run's callbac
     knot_schedule(config, ...)        where the knots go (``chainlora.schedules``), from ``config.chain``
     LinkLR                            the LR multiplier, a pure function of the optimizer step
     RunTrainer                        the task's loss (``chainlora.tasks``), the pure LR schedule, analytic FLOPs,
-                                      dev loss and dev score per evaluation, the non-finite guard per micro-batch
+                                      dev loss and dev score per evaluation, the non-finite guard per micro-batch,
+                                      ``compile: auto``'s fallback to eager when compiling fails
     RunCallback                       the best dev state in best/, knots in TensorBoard, training time across resumes
     CheckpointSeal                    the last callback: seals each checkpoint (``chainlora.rundir``)
 
@@ -16,6 +17,7 @@ the best-dev record re-derived from the log history), so a resumed run replays a
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_compiled_module
 from transformers import TrainerCallback, TrainingArguments
 
 from chainlora import rundir, tasks
@@ -35,6 +38,8 @@ from chainlora.guards import NonFiniteGuard
 from chainlora.perf import Speed
 from chainlora.recipes.flops import flop_model, step_flops
 from chainlora.schedules import ChainSchedule, KnotSchedule
+
+logger = logging.getLogger("chainlora")
 
 
 def training_arguments(config: TrainConfig, run_dir: Path, speed: Speed) -> TrainingArguments:
@@ -147,7 +152,11 @@ class RunTrainer(tasks.TaskTrainer):
     """``tasks.TaskTrainer`` (length-grouped batches seeded per epoch) training with the workload's ``loss`` (one
     function per workload, ``chainlora.recipes.workload``), the pure LR schedule ``lr_lambda``, analytic FLOPs,
     dev evaluation (``evaluate_dev(model)``: ``loss``, and ``score`` and more where measured, logged as
-    ``eval_<name>``) and ``nonfinite_guard`` fed every micro-batch loss."""
+    ``eval_<name>``) and ``nonfinite_guard`` fed every micro-batch loss.
+
+    ``compile_fallback`` (``compile: auto`` resolved to on): when compiling, or a compiled step, raises, the
+    run goes on eagerly: one warning line, the step redone on the uncompiled model, and ``compile_failure``
+    says why (``chainlora train`` records it in metrics.json). Without it a compile error propagates."""
 
     def __init__(
         self,
@@ -156,6 +165,7 @@ class RunTrainer(tasks.TaskTrainer):
         nonfinite_guard: NonFiniteGuard,
         loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
         evaluate_dev: Callable[[torch.nn.Module], dict[str, float]],
+        compile_fallback: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -164,16 +174,47 @@ class RunTrainer(tasks.TaskTrainer):
         self.loss = loss
         self.evaluate_dev = evaluate_dev
         self.model_accepts_loss_kwargs = False  # the loss ignores num_items_in_batch
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self.loss(model, inputs)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        self.compile_fallback = compile_fallback
+        self.compile_failure: str | None = None  # why compile: auto fell back to eager
+        self._eager_model: torch.nn.Module | None = None  # the uncompiled model, once fallen back
+        self._forward_done = False
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._eager_model is not None:
+            model = self._eager_model
+        if self.compile_fallback and is_compiled_module(model):
+            loss = self._compiled_step_or_eager(model, inputs, num_items_in_batch)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe_loss(loss)
         maybe_crash("mid_step")
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self.loss(model, inputs)
+        self._forward_done = True  # a failure after this may have written gradients
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _compiled_step_or_eager(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """The step on the compiled ``model``; if it raises, the same step on the uncompiled model, from the same
+        gradients: untouched when the forward failed, none when this is the first micro-batch of the step. A
+        backward failing after earlier micro-batches' gradients cannot be undone and propagates."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        no_grads_yet = all(p.grad is None for p in trainable)
+        self._forward_done = False
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        except Exception as error:
+            if self._forward_done and not no_grads_yet:
+                raise
+            if self._forward_done:
+                for p in trainable:
+                    p.grad = None
+            message = " ".join(str(error).split("\n\n")[0].split())  # without torch's "Set TORCH_LOGS" advice
+            self.compile_failure = f"{type(error).__name__}: {message}"[:300]
+            logger.warning("compile: auto: torch.compile failed, training eagerly: %s", self.compile_failure)
+            self._eager_model = self.model_wrapped = model._orig_mod
+            return super().training_step(self._eager_model, inputs, num_items_in_batch)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if num_training_steps != self.lr_lambda.total_steps:
