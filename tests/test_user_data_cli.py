@@ -287,3 +287,23 @@ def test_chat_with_a_trained_run_merged_or_as_adapter_answers_the_same(chat_mode
         assert main(["chat", str(run), "--prompt", "What is COLA?", "--max_new_tokens", "8", *extra]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and len(answers[0]) > 1  # greedy: the same tokens either way
+
+
+@pytest.mark.parametrize("data", ["choices.jsonl", "prompt_completion.jsonl"])
+def test_eval_on_your_data_reproduces_the_runs_test_score(chat_model, tmp_path, capsys, data):
+    run = tmp_path / "run"
+    sizes = ["--num_dev", "2", "--num_eval", "3", "--seed", "1"]
+    metrics = train(chat_model, run, "--data", str(EXAMPLES / data), "--method", "lora", *sizes)
+    out = tmp_path / "eval.json"
+    code = main(["eval", str(run / "final"), "--data", str(EXAMPLES / data), *sizes, "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["num_examples"] == 3 and result["metric"] == metrics["metric"]
+    assert result["score"] == pytest.approx(metrics["test_score"], abs=1e-6)
+    assert f"{result['metric']}: {result['score']:.4f}" in capsys.readouterr().out
+
+
+def test_eval_without_task_or_data_is_one_line(capsys):
+    code = main(["eval", "some/folder"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--task" in err[0] and "--data FILE" in err[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from chainlora.config.checks import choice, fail, positive_int
+from chainlora.config.data import DataSpec
 from chainlora.config.train import Method, Precision, TrainConfig
 from chainlora.errors import ConfigError
 
@@ -26,18 +27,20 @@ class EvalConfig:
 
     model: str = "smollm2-135m"
     """A model folder (e.g. a run's final/) or a registry name."""
-    task: str = "boolq"
-    """Task name (see `chainlora tasks`)."""
-    data: str | None = None
-    """Task data (as in `chainlora train`); null = $CHAINLORA_DATA, then a PyPI-packaged copy."""
+    task: str | None = None
+    """Task name (see `chainlora tasks`); null: your own data (--data FILE)."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """With --task: that task's files (null = $CHAINLORA_DATA, then a PyPI-packaged copy). Without: your own
+    data, as in `chainlora train --data` (the same format fields, the same per-seed split)."""
     seed: int = 0
     """Sampling seed: which validation rows form the test set (same draw as `chainlora train`)."""
-    num_eval: int = 1000
-    """Test examples drawn from the validation split."""
+    num_eval: int | None = None
+    """Test examples (a task: drawn from its validation split, default 1000; your data: its test file, or
+    that many rows held out of one file as `chainlora train` does with the same seed)."""
     split: EvalSplit = "test"
     """Score the test set, or the dev set of the same draw (needs num_train/num_dev as in training)."""
-    num_train: int = 1000
-    """With split dev: the num_train of the training run (dev is drawn after train)."""
+    num_train: int | None = None
+    """With split dev: the num_train of the training run (dev is drawn after train; a task's default 1000)."""
     num_dev: int | None = None
     """With split dev: the num_dev of the training run (null = the task's default)."""
     max_length: int = 2048
@@ -50,14 +53,22 @@ class EvalConfig:
     """Also write the result as JSON to this file."""
 
     def __post_init__(self) -> None:
-        for name in ("model", "task"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise fail(name, f"must be a non-empty string, got {value!r}")
+        if isinstance(self.data, str | dict):
+            self.data = DataSpec(**DataSpec.coerce(self.data))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise fail("model", f"must be a non-empty string, got {self.model!r}")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise fail("task", f"must be a task name, got {self.task!r}")
+        if self.task is None and self.data.path is None:
+            raise fail("task", "name a task (--task boolq; see `chainlora tasks`) or your data (--data FILE)")
+        if self.task is not None and self.data.is_custom:
+            raise fail("data", "format fields describe your own data; with --task only data.path applies")
         positive_int("seed", self.seed, allow_zero=True)
-        positive_int("num_eval", self.num_eval)
+        if self.num_eval is not None:
+            positive_int("num_eval", self.num_eval)
         choice("split", self.split, EvalSplit)
-        positive_int("num_train", self.num_train, allow_zero=True)
+        if self.num_train is not None:
+            positive_int("num_train", self.num_train, allow_zero=True)
         if self.num_dev is not None:
             positive_int("num_dev", self.num_dev, allow_zero=True)
         positive_int("max_length", self.max_length)

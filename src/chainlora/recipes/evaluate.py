@@ -21,16 +21,20 @@ from chainlora.perf import DTYPES
 
 
 def evaluate_model(config: EvalConfig) -> dict[str, Any]:
-    """Load the task's examples and the model, score, and return (and optionally write) the result."""
+    """Load the examples (a task's, or your data's: the same per-seed split as ``chainlora train``) and the model,
+    score, and return (and optionally write) the result."""
     from chainlora import models, tasks
 
+    if config.task is None:
+        return _evaluate_user_data(config)
     task = tasks.get_task(config.task)
-    data = tasks.load_task_data(task, data=config.data)  # logs which source it used
+    data = tasks.load_task_data(task, data=config.data.path)  # logs which source it used
     if config.split == "test":
-        splits = data.sample(config.seed, num_train=0, num_dev=0, num_eval=config.num_eval)
+        splits = data.sample(config.seed, num_train=0, num_dev=0, num_eval=config.num_eval or 1000)
         examples = splits.test
     else:
-        splits = data.sample(config.seed, num_train=config.num_train, num_dev=config.num_dev, num_eval=0)
+        num_train = config.num_train if config.num_train is not None else 1000
+        splits = data.sample(config.seed, num_train=num_train, num_dev=config.num_dev, num_eval=0)
         examples = splits.dev
     if not examples:
         raise ConfigError(f"split: task {task.name} drew no {config.split} examples with these sizes")
@@ -55,11 +59,60 @@ def evaluate_model(config: EvalConfig) -> dict[str, Any]:
     return summary
 
 
+def _evaluate_user_data(config: EvalConfig) -> dict[str, Any]:
+    """Your data: the split ``chainlora train`` draws with the same seed and sizes, scored by its workload
+    (accuracy for choices data; held-out loss, perplexity and, with references, generated EM/F1)."""
+    from chainlora import models
+    from chainlora.config import TrainConfig
+    from chainlora.recipes.workload import load_workload, scalar_metrics
+
+    train_config = TrainConfig(
+        model=config.model,
+        data=config.data,
+        seed=config.seed,
+        num_train=config.num_train,
+        num_dev=config.num_dev,
+        num_eval=config.num_eval,
+        max_length=config.max_length,
+        eval_batch_size=config.batch_size,
+        selection="dev_loss",
+    )
+    workload = load_workload(train_config)
+    if not (workload.test if config.split == "test" else workload.dev):
+        raise ConfigError(
+            f"split: {workload.name} has no {config.split} rows (no {config.split} file; --num_eval N holds "
+            "out N rows as the test set)"
+        )
+    model, tokenizer = models.load(config.model, dtype=DTYPES[config.precision])
+    if torch.cuda.is_available():
+        model.to("cuda")
+    workload.datasets(tokenizer, train_config)
+    result = workload.evaluate(model, tokenizer, config.split)
+    numbers = scalar_metrics(result)
+    summary = {
+        "model": config.model,
+        "task": workload.name,
+        "split": config.split,
+        "seed": config.seed,
+        "metric": result["metric"],
+        "score": float(numbers["score"]) if "score" in numbers else None,
+        "metrics": numbers,
+        "num_examples": len(workload.test if config.split == "test" else workload.dev),
+        "data_source": workload.source,
+    }
+    if config.output:
+        write_json_atomic(config.output, summary)
+    return summary
+
+
 def eval_command(config: EvalConfig) -> int:
     """``chainlora eval``: score and print one line."""
     result = evaluate_model(config)
+    others = {k: v for k, v in result.get("metrics", {}).items() if k != "score"}
+    extra = "".join(f", {k} {v:.4g}" for k, v in others.items())
+    score = f"{result['score']:.4f}" if result["score"] is not None else "–"
     print(
-        f"{result['task']} {result['split']} {result['metric']}: {result['score']:.4f} "
+        f"{result['task']} {result['split']} {result['metric']}: {score}{extra} "
         f"({result['num_examples']} examples, model {result['model']})"
     )
     return 0
