@@ -307,3 +307,34 @@ def test_eval_without_task_or_data_is_one_line(capsys):
     code = main(["eval", "some/folder"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--task" in err[0] and "--data FILE" in err[0]
+
+
+def test_learning_rates_are_chosen_by_dev_loss_or_lowest_perplexity_where_there_is_no_higher_score():
+    from chainlora.recipes.results import RunResult, select_learning_rates
+
+    def run(lr, seed, **metrics):
+        return RunResult(
+            f"d/lora/lr{lr}/s{seed}",
+            "d",
+            "lora",
+            1,
+            None,
+            None,
+            lr,
+            seed,
+            (),
+            dev_score=metrics.get("dev_score"),
+            test_score=None,
+            dev_loss=metrics.get("dev_loss"),
+            metrics={"metric": metrics.get("metric", "f1")},
+        )
+
+    by_loss = [run(1e-3, 0, dev_loss=2.0), run(1e-4, 0, dev_loss=1.5)]
+    assert next(iter(select_learning_rates(by_loss).values())).chosen_lr == 1e-4
+    by_perplexity = [
+        run(1e-3, 0, dev_score=9.0, metric="perplexity"),
+        run(1e-4, 0, dev_score=12.0, metric="perplexity"),
+    ]
+    assert next(iter(select_learning_rates(by_perplexity).values())).chosen_lr == 1e-3
+    by_f1 = [run(1e-3, 0, dev_score=0.3, dev_loss=1.0), run(1e-4, 0, dev_score=0.5, dev_loss=2.0)]
+    assert next(iter(select_learning_rates(by_f1).values())).chosen_lr == 1e-4

@@ -227,7 +227,15 @@ def runs_tested_before_first_knot(results: SweepResults, variant: Variant, group
 
 def lr_table(results: SweepResults) -> str:
     lines = [
-        _row(["Task", "Method", "Group", "LR: mean dev score (seeds)", "chosen LR"]),
+        _row(
+            [
+                "Task",
+                "Method",
+                "Group",
+                "LR: mean dev score, negated where lower is better (seeds)",
+                "chosen LR",
+            ]
+        ),
         _row(["---", "---", "---", "---", "---:"]),
     ]
     for (task, variant, group), sel in sorted(

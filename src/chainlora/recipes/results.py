@@ -32,6 +32,7 @@ Variant = tuple[str, int | None, tuple[int, ...] | None]  # (method, chain lengt
 Group = tuple[str | None, tuple[tuple[str, Any], ...]]  # (optimizer, extra axes)
 Cell = tuple[str, Variant, Group]  # (task, variant, group)
 METHOD_ORDER = {"lora": 0, "cola": 1, "full": 2}
+LOWER_IS_BETTER = ("perplexity", "loss")  # metrics a learning rate is chosen to minimise
 
 
 @dataclass
@@ -53,6 +54,15 @@ class RunResult:
     train_seconds: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    dev_loss: float | None = None
+
+    @property
+    def dev_rank(self) -> float | None:
+        """What learning rates are chosen by, higher is better: the dev score (negated for a metric where lower
+        is better, e.g. perplexity), else the negated dev loss (data with no dev score)."""
+        if self.dev_score is not None:
+            return -self.dev_score if self.metrics.get("metric") in LOWER_IS_BETTER else self.dev_score
+        return -self.dev_loss if self.dev_loss is not None else None
 
     @property
     def variant(self) -> Variant:
@@ -109,6 +119,7 @@ def _result(spec: RunSpec, run_dir: Path) -> RunResult:
         seed=spec.seed,
         extras=spec.extras,
         dev_score=_float(metrics.get("dev_score")),
+        dev_loss=_float(metrics.get("dev_loss")),
         test_score=_float(metrics.get("test_score")),
         train_flops=_float(metrics.get("train_flops")),
         train_seconds=_float(metrics.get("train_seconds")),
@@ -212,8 +223,9 @@ class CellSelection:
 
 
 def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Variant, Group], CellSelection]:
-    """Per cell, the learning rate with the highest mean dev score over its seeds (ties: more seeds, then the
-    smaller rate; a rate whose runs have no dev score ranks last). The test score takes no part."""
+    """Per cell, the learning rate with the best mean dev score over its seeds (:attr:`RunResult.dev_rank`: the
+    lowest perplexity for a metric where lower is better; the lowest dev loss for data with no dev score; ties:
+    more seeds, then the smaller rate; a rate whose runs have neither ranks last). The test score takes no part."""
     by_cell: dict[tuple[str, Variant, Group], dict[float, list[RunResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -223,7 +235,7 @@ def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Varia
     for cell, by_lr in by_cell.items():
         dev_by_lr: dict[float, tuple[float | None, int]] = {}
         for lr, runs in by_lr.items():
-            devs = [r.dev_score for r in runs if r.dev_score is not None]
+            devs = [r.dev_rank for r in runs if r.dev_rank is not None]
             dev_by_lr[lr] = (statistics.fmean(devs) if devs else None, len(runs))
 
         def key(lr: float, dev_by_lr: dict[float, tuple[float | None, int]] = dev_by_lr) -> tuple:
