@@ -651,3 +651,18 @@ def test_time_left_is_predicted_per_cell_then_task_then_overall():
     assert estimate_seconds_left(left, finished, 1) == pytest.approx(expected)
     assert estimate_seconds_left(left, finished, 2) == pytest.approx(expected / 2)
     assert [format_duration(s) for s in (40, 600, 3 * 3600 + 5 * 60)] == ["40 s", "10m", "3h 05m"]
+
+
+def test_the_bottom_line_states_the_interval_and_the_power_the_paper_gain_needs():
+    from chainlora.recipes.report import PAPER_MEAN_GAIN, power_cell, verdict
+    from chainlora.recipes.stats import paired_difference, seeds_for_power
+
+    cola, lora = [61.0, 64.0, 59.0, 66.0, 60.0], [60.0, 65.0, 57.0, 63.0, 61.0]
+    d = paired_difference(cola, lora)
+    needed = seeds_for_power(PAPER_MEAN_GAIN, d.sd)
+    line = verdict(("cola", 3, None), ("lora", 1, None), d)
+    assert f"{d.mean:+.2f} points over 5" in line and f"95% CI {d.low:+.2f}..{d.high:+.2f}" in line
+    assert "COLA does not beat LoRA in these runs" in line and f"needs {needed} pairs" in line
+    assert power_cell("copa", d) == f"paper +1.00: {seeds_for_power(1.0, d.sd)} (not reached)"
+    clear = paired_difference([70.0, 72.0, 71.0], [60.0, 61.0, 60.5])
+    assert "COLA beats LoRA here" in verdict(("cola", 3, None), ("lora", 1, None), clear)

@@ -46,7 +46,13 @@ from chainlora.recipes.results import (
     variant_label,
     variant_order,
 )
-from chainlora.recipes.stats import PairedTest, paired_test
+from chainlora.recipes.stats import (
+    PairedDifference,
+    PairedTest,
+    paired_difference,
+    paired_test,
+    seeds_for_power,
+)
 
 
 def _fmt(s: CellStats | None, n_expected: int, bold: bool = False) -> str:
@@ -175,29 +181,91 @@ def paired_comparisons(
     return out
 
 
+# The paper's COLA − LoRA test-score gains on OPT-1.3B (Table 1, points; 5 seeds; ../shared/REFERENCE.md): what a
+# replication must be able to detect. The pooled figure is their mean over the 11 tasks.
+PAPER_GAIN = {
+    "sst2": 0.16, "wsc": 3.66, "cb": 1.07, "wic": 0.79, "boolq": 1.38, "multirc": 1.69, "rte": 1.66,
+    "drop": 0.60, "squad": 0.33, "copa": 1.00, "record": 0.22,
+}  # fmt: skip
+PAPER_MEAN_GAIN = sum(PAPER_GAIN.values()) / len(PAPER_GAIN)
+POOLED = "all tasks (pooled pairs)"
+
+
+def paired_rows(
+    results: SweepResults, group: Group
+) -> list[tuple[Variant, Variant, dict[str, PairedDifference]]]:
+    """:func:`paired_comparisons` as confidence intervals: per task and pooled, COLA − LoRA in test points."""
+    out = []
+    variants = results.variants(group)
+    for v in variants:
+        base = lora_baseline(v, variants)
+        if base is None:
+            continue
+        per: dict[str, PairedDifference] = {}
+        all_a: list[float] = []
+        all_b: list[float] = []
+        for t in results.tasks:
+            sa, sb = results.selected.get((t, v, group)), results.selected.get((t, base, group))
+            if sa is None or sb is None:
+                continue
+            ta, tb = sa.test_scores(), sb.test_scores()
+            seeds = sorted(set(ta) & set(tb))
+            if not seeds:
+                continue
+            a = [ta[s] * results.scale for s in seeds]
+            b = [tb[s] * results.scale for s in seeds]
+            per[t] = paired_difference(a, b)
+            all_a += a
+            all_b += b
+        if per:
+            per[POOLED] = paired_difference(all_a, all_b)
+            out.append((v, base, per))
+    return out
+
+
+def power_cell(task: str, d: PairedDifference) -> str:
+    """Seeds a paired t-test needs to detect the paper's gain on ``task`` at 80% power, from the measured sd of
+    the differences, and whether these runs have that many."""
+    gain = PAPER_MEAN_GAIN if task == POOLED else PAPER_GAIN.get(task)
+    if gain is None or d.sd is None:
+        return "–"
+    if d.sd == 0:
+        return f"paper +{gain:.2f}: sd 0, any 2"
+    needed = seeds_for_power(gain, d.sd)
+    if needed is None:
+        return f"paper +{gain:.2f}: > 100000"
+    return f"paper +{gain:.2f}: {needed} ({'reached' if d.n >= needed else 'not reached'})"
+
+
 def paired_table(results: SweepResults, group: Group) -> str:
+    tests = {(v, base): per for v, base, per in paired_comparisons(results, group)}
     blocks = []
-    for v, base, per in paired_comparisons(results, group):
+    for v, base, per in paired_rows(results, group):
         lines = [
             f"**{variant_label(v)} − {variant_label(base)}** (test score points, same seeds = same data)",
             "",
-            _row(["Task", "pairs", "mean diff", "wins/losses/ties", "paired t", "t-test p", "sign-test p"]),
-            _row(["---", "---:", "---:", "---:", "---:", "---:", "---:"]),
-        ]
-        for t, p in per.items():
+            _row(["Task", "pairs", "mean diff", "95% CI", "t-test p", "sign-test p", "wins/losses/ties",
+                  "pairs for 80% power (at the paper's gain)"]),
+            _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
+        ]  # fmt: skip
+        for t, d in per.items():
+            sign = tests[(v, base)][t].sign_pvalue
+            ci = f"{d.low:+.2f}..{d.high:+.2f}" if d.low is not None and d.high is not None else "–"
             lines.append(
                 _row(
                     [
                         t,
-                        str(p.n),
-                        _num(p.mean_diff, "+.2f"),
-                        f"{p.wins}/{p.losses}/{p.ties}",
-                        _num(p.t_stat, ".2f"),
-                        _num(p.t_pvalue, ".3f"),
-                        _num(p.sign_pvalue, ".3f"),
+                        str(d.n),
+                        _num(d.mean, "+.2f"),
+                        ci,
+                        _num(d.pvalue, ".3f"),
+                        _num(sign, ".3f"),
+                        f"{d.wins}/{d.losses}/{d.ties}",
+                        power_cell(t, d),
                     ]
                 )
             )
+        lines += ["", f"**Bottom line: {verdict(v, base, per[POOLED])}**"]
         early, total = runs_tested_before_first_knot(results, v, group)
         if total:
             lines += [
@@ -208,6 +276,25 @@ def paired_table(results: SweepResults, group: Group) -> str:
             ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def verdict(variant: Variant, base: Variant, d: PairedDifference) -> str:
+    """One plain sentence on the pooled difference."""
+    head = f"{variant_label(variant)} − {variant_label(base)} = {d.mean:+.2f} points over {d.n} (task, seed) pairs"
+    if d.low is None or d.high is None:
+        return f"{head}; too few pairs for an interval, so nothing can be said yet."
+    interval = f"95% CI {d.low:+.2f}..{d.high:+.2f}"
+    needed = seeds_for_power(PAPER_MEAN_GAIN, d.sd) if d.sd else None
+    power = (
+        f"; detecting the paper's mean gain (+{PAPER_MEAN_GAIN:.2f}) at 80% power needs {needed} pairs"
+        if needed
+        else ""
+    )
+    if d.low > 0:
+        return f"{head} ({interval}): COLA beats LoRA here{power}."
+    if d.high < 0:
+        return f"{head} ({interval}): LoRA beats COLA here{power}."
+    return f"{head} ({interval}): no difference shown here — COLA does not beat LoRA in these runs{power}."
 
 
 def runs_tested_before_first_knot(results: SweepResults, variant: Variant, group: Group) -> tuple[int, int]:
@@ -331,9 +418,11 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
             out += [
                 "Each seed draws the same train/dev/test rows for every method, so runs of one seed are "
                 "paired. Two-sided paired t-test (`scipy.stats.ttest_rel`) and exact sign test "
-                "(`scipy.stats.binomtest`, ties dropped). The pooled row treats every (task, seed) pair as "
-                "one observation. With few seeds these tests have little power: a p-value above 0.05 means "
-                "'not shown', not 'no effect'.",
+                "(`scipy.stats.binomtest`, ties dropped); the 95% CI of the mean difference is Student's t. "
+                "The pooled row treats every (task, seed) pair as one observation. The last column: how many "
+                "pairs a paired t-test needs to detect the paper's OPT-1.3B gain on that task (pooled: its mean "
+                "over the 11 tasks) with 80% power, from the sd of the differences measured here. With fewer "
+                "pairs a p-value above 0.05 means 'not shown', not 'no effect'.",
                 "",
                 paired,
                 "",
