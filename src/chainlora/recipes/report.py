@@ -230,7 +230,7 @@ def power_cell(task: str, d: PairedDifference) -> str:
     if gain is None or d.sd is None:
         return "–"
     if d.sd == 0:
-        return f"paper +{gain:.2f}: sd 0, any 2"
+        return f"paper +{gain:.2f}: no estimate (every pair identical, sd 0)"
     needed = seeds_for_power(gain, d.sd)
     if needed is None:
         return f"paper +{gain:.2f}: > 100000"
