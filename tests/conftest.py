@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -57,3 +58,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> Path:
+    """A tiny llama whose tokenizer has a ChatML template, saved as a model folder."""
+    path = tiny_model_dir(tmp_path_factory.mktemp("tiny-chat"), extra_tokens=["<|im_start|>", "<|im_end|>"])
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHATML
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

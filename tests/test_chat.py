@@ -5,35 +5,18 @@ on a tiny random chat model (the words are noise; what is checked is the session
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from chainlora.cli import main
 from chainlora.config import ChatConfig
 from chainlora.recipes.chat import chat
-from chainlora.testing.tiny import tiny_model_dir
-
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory) -> Path:
-    path = tiny_model_dir(tmp_path_factory.mktemp("tiny-chat"), extra_tokens=["<|im_start|>", "<|im_end|>"])
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHATML
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
 
 
 def test_one_prompt_is_answered_and_greedy_is_deterministic(chat_model, capsys):

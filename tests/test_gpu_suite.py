@@ -6,14 +6,14 @@ model byte for byte, and its device calls fit the device's limits."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from test_bench_smoke import bench_module
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SHAPES = ("tiny-opt", "tiny")
@@ -26,16 +26,6 @@ PARTS = [
     "knot_cost:tiny",
 ]
 PARTS += ["train_step:tiny", "train_run"]  # the dry run's order: its train runs go beside the other parts
-
-
-def bench_module(name: str):
-    """Import ``bench/<name>.py`` as a module."""
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

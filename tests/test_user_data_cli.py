@@ -13,24 +13,9 @@ from scipy import stats
 from chainlora.cli import main
 from chainlora.recipes.compare import Comparison, MethodRuns, compare_methods
 from chainlora.recipes.stats import paired_difference
-from chainlora.testing.tiny import tiny_model_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
-)
 SMALL = ["--epochs", "2", "--batch_size", "2", "--lr", "1e-3", "--precision", "fp32", "--zero_shot", "true"]
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory) -> Path:
-    """A tiny llama with a ChatML template, saved as a model folder."""
-    path = tiny_model_dir(tmp_path_factory.mktemp("tiny-chat"), extra_tokens=["<|im_start|>", "<|im_end|>"])
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHATML
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
 
 
 def train(model: Path, out: Path, *args: str) -> dict:
@@ -110,14 +95,15 @@ def test_chat_prompts_are_cut_inside_the_user_turn(chat_model, tmp_path):
     from chainlora.data.chat import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(chat_model)
-    text, cut = chat_prompt(tok, "word " * 200, CHATML, system="be brief", max_tokens=40)
+    template = tok.chat_template
+    text, cut = chat_prompt(tok, "word " * 200, template, system="be brief", max_tokens=40)
     assert cut and text.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n...")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 40
-    same, cut = chat_prompt(tok, "short", CHATML, max_tokens=40)
+    same, cut = chat_prompt(tok, "short", template, max_tokens=40)
     assert not cut and same == tok.apply_chat_template(
         [{"role": "user", "content": "short"}],
-        chat_template=CHATML,
+        chat_template=template,
         tokenize=False,
         add_generation_prompt=True,
     )

@@ -14,7 +14,7 @@ normalisation); logits are computed only at the positions that predict a trained
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +89,19 @@ def lm_loss(
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
+
+
+def eval_batches(
+    model: torch.nn.Module, dataset: Any, collator: Callable, batch_size: int
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """``dataset`` in order as collated batches on the model's device, with how many examples each holds, the
+    model in eval mode meanwhile (its train/eval mode restored afterwards). Iterate under ``torch.no_grad``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            yield {k: v.to(device) for k, v in collator(items).items()}, len(items)
+    finally:
+        model.train(was_training)

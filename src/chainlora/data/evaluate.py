@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from chainlora.data.batches import lm_loss
+from chainlora.data.batches import eval_batches, lm_loss
 from chainlora.data.chat import render_text
 from chainlora.data.encode import bos_prefix
 from chainlora.data.formats import Record
@@ -29,18 +29,10 @@ def heldout_loss(
     model: PreTrainedModel, dataset: Any, collator: Callable, batch_size: int
 ) -> dict[str, float]:
     """``{"loss", "perplexity"}`` of ``dataset`` (token-weighted); the model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(items).items()}
-            total += float(lm_loss(model, batch, reduction="sum"))
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
-    finally:
-        model.train(was_training)
+    for batch, _ in eval_batches(model, dataset, collator, batch_size):
+        total += float(lm_loss(model, batch, reduction="sum"))
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 

@@ -149,36 +149,43 @@ def stepdown_table(results: SweepResults, group: Group) -> str:
     return "\n".join(lines)
 
 
-def paired_comparisons(
+POOLED = "all tasks (pooled pairs)"
+
+
+def paired_scores(
     results: SweepResults, group: Group
-) -> list[tuple[Variant, Variant, dict[str, PairedTest]]]:
-    """For each COLA variant with a LoRA baseline: a paired test per task and over all (task, seed) pairs."""
+) -> list[tuple[Variant, Variant, dict[str, tuple[list[float], list[float]]]]]:
+    """For each COLA variant with a LoRA baseline: per task, the two methods' test scores on their common seeds
+    (shown scale), and over all (task, seed) pairs under :data:`POOLED`."""
     out = []
     variants = results.variants(group)
     for v in variants:
         base = lora_baseline(v, variants)
         if base is None:
             continue
-        per: dict[str, PairedTest] = {}
-        all_a: list[float] = []
-        all_b: list[float] = []
+        per: dict[str, tuple[list[float], list[float]]] = {}
         for t in results.tasks:
             sa, sb = results.selected.get((t, v, group)), results.selected.get((t, base, group))
             if sa is None or sb is None:
                 continue
             ta, tb = sa.test_scores(), sb.test_scores()
             seeds = sorted(set(ta) & set(tb))
-            if not seeds:
-                continue
-            a = [ta[s] * results.scale for s in seeds]
-            b = [tb[s] * results.scale for s in seeds]
-            per[t] = paired_test(a, b)
-            all_a += a
-            all_b += b
+            if seeds:
+                per[t] = ([ta[s] * results.scale for s in seeds], [tb[s] * results.scale for s in seeds])
         if per:
-            per["all tasks (pooled pairs)"] = paired_test(all_a, all_b)
+            per[POOLED] = ([x for a, _ in per.values() for x in a], [y for _, b in per.values() for y in b])
             out.append((v, base, per))
     return out
+
+
+def paired_comparisons(
+    results: SweepResults, group: Group
+) -> list[tuple[Variant, Variant, dict[str, PairedTest]]]:
+    """For each COLA variant with a LoRA baseline: a paired test per task and over all (task, seed) pairs."""
+    return [
+        (v, base, {t: paired_test(a, b) for t, (a, b) in per.items()})
+        for v, base, per in paired_scores(results, group)
+    ]
 
 
 # The paper's COLA − LoRA test-score gains on OPT-1.3B (Table 1, points; 5 seeds; ../shared/REFERENCE.md): what a
@@ -188,39 +195,16 @@ PAPER_GAIN = {
     "drop": 0.60, "squad": 0.33, "copa": 1.00, "record": 0.22,
 }  # fmt: skip
 PAPER_MEAN_GAIN = sum(PAPER_GAIN.values()) / len(PAPER_GAIN)
-POOLED = "all tasks (pooled pairs)"
 
 
 def paired_rows(
     results: SweepResults, group: Group
 ) -> list[tuple[Variant, Variant, dict[str, PairedDifference]]]:
-    """:func:`paired_comparisons` as confidence intervals: per task and pooled, COLA − LoRA in test points."""
-    out = []
-    variants = results.variants(group)
-    for v in variants:
-        base = lora_baseline(v, variants)
-        if base is None:
-            continue
-        per: dict[str, PairedDifference] = {}
-        all_a: list[float] = []
-        all_b: list[float] = []
-        for t in results.tasks:
-            sa, sb = results.selected.get((t, v, group)), results.selected.get((t, base, group))
-            if sa is None or sb is None:
-                continue
-            ta, tb = sa.test_scores(), sb.test_scores()
-            seeds = sorted(set(ta) & set(tb))
-            if not seeds:
-                continue
-            a = [ta[s] * results.scale for s in seeds]
-            b = [tb[s] * results.scale for s in seeds]
-            per[t] = paired_difference(a, b)
-            all_a += a
-            all_b += b
-        if per:
-            per[POOLED] = paired_difference(all_a, all_b)
-            out.append((v, base, per))
-    return out
+    """:func:`paired_scores` as confidence intervals: per task and pooled, COLA − LoRA in test points."""
+    return [
+        (v, base, {t: paired_difference(a, b) for t, (a, b) in per.items()})
+        for v, base, per in paired_scores(results, group)
+    ]
 
 
 def power_cell(task: str, d: PairedDifference) -> str:

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from chainlora import data as userdata
 from chainlora import tasks
 from chainlora.config import TrainConfig
+from chainlora.data.batches import eval_batches
 from chainlora.data.evaluate import generate, heldout_loss, prompt_ids, reference_scores
 from chainlora.errors import ConfigError
 from chainlora.tasks.shared_prompt import SharedPromptCollator, shared_prompt_view
@@ -239,18 +240,10 @@ class TaskWorkload(Workload):
 def dataset_loss(model: torch.nn.Module, dataset: Any, collator: Callable, batch_size: int) -> float:
     """The harness's training loss over ``dataset`` (the dev loss), averaged over examples; the model's mode is
     kept."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in collator(items).items()}
-            total += float(tasks.compute_loss(model, batch)) * len(items)
-            count += len(items)
-    finally:
-        model.train(was_training)
+    for batch, size in eval_batches(model, dataset, collator, batch_size):
+        total += float(tasks.compute_loss(model, batch)) * size
+        count += size
     return total / max(count, 1)
 
 
