@@ -36,7 +36,7 @@ from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.guards import NonFiniteGuard
 from chainlora.perf import Speed
-from chainlora.recipes.flops import flop_model, step_flops
+from chainlora.recipes.flops import flop_model, sequence_flops
 from chainlora.schedules import ChainSchedule, KnotSchedule
 
 logger = logging.getLogger("chainlora")
@@ -227,9 +227,14 @@ class RunTrainer(tasks.TaskTrainer):
         return self.lr_scheduler
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Analytic training FLOPs of this micro-batch at the current link's rank (see recipes.flops)."""
-        sequences, seq_len = inputs["input_ids"].shape
-        return step_flops(flop_model(self.model), sequences, seq_len)
+        """Analytic training FLOPs of this micro-batch at the current link's rank, counted on its real (unpadded)
+        tokens (see recipes.flops): the same global work gives the same total on any number of processes (the
+        Trainer sums the processes' counts) and with any split into micro-batches."""
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            sequences, seq_len = inputs["input_ids"].shape
+            return sequence_flops(flop_model(self.model), [seq_len] * sequences)
+        return sequence_flops(flop_model(self.model), mask.sum(-1).tolist())
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
