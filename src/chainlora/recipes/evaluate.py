@@ -15,16 +15,20 @@ from typing import Any
 import torch
 
 from chainlora.config import EvalConfig
-from chainlora.errors import ConfigError
-from chainlora.io import write_json_atomic
+from chainlora.errors import ConfigError, OutputError
+from chainlora.io import output_problem, write_json_atomic
 from chainlora.perf import DTYPES
 
 
 def evaluate_model(config: EvalConfig) -> dict[str, Any]:
     """Load the examples (a task's, or your data's: the same per-seed split as ``chainlora train``) and the model,
-    score, and return (and optionally write) the result."""
+    score, and return (and optionally write) the result. The output path is checked first, before any work."""
     from chainlora import models, tasks
 
+    if config.output:
+        problem = output_problem(config.output)
+        if problem is not None:
+            raise ConfigError(f"output: {problem}")
     if config.task is None:
         return _evaluate_user_data(config)
     task = tasks.get_task(config.task)
@@ -54,9 +58,17 @@ def evaluate_model(config: EvalConfig) -> dict[str, Any]:
         "num_examples": len(examples),
         "data_source": splits.source.description,
     }
-    if config.output:
-        write_json_atomic(config.output, summary)
+    _write_output(config, summary)
     return summary
+
+
+def _write_output(config: EvalConfig, summary: dict[str, Any]) -> None:
+    """``summary`` as JSON in ``config.output`` (when given); a failed write is one ``OutputError`` line."""
+    if config.output:
+        try:
+            write_json_atomic(config.output, summary)
+        except OSError as err:
+            raise OutputError(f"output: cannot write {config.output} ({err.strerror or err})") from None
 
 
 def _evaluate_user_data(config: EvalConfig) -> dict[str, Any]:
@@ -100,8 +112,7 @@ def _evaluate_user_data(config: EvalConfig) -> dict[str, Any]:
         "num_examples": len(workload.test if config.split == "test" else workload.dev),
         "data_source": workload.source,
     }
-    if config.output:
-        write_json_atomic(config.output, summary)
+    _write_output(config, summary)
     return summary
 
 
