@@ -42,12 +42,13 @@ from transformers.integrations import TensorBoardCallback
 from chainlora import distributed, models, rundir
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
-from chainlora.chain import check_ranks_fit, merge_chain
+from chainlora.chain import check_ranks_fit
 from chainlora.config import TrainConfig
 from chainlora.errors import ConfigError
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import write_json_atomic
 from chainlora.perf import resolve_speed
+from chainlora.recipes.export import adapter_reference, final_model
 from chainlora.recipes.plots import plot_loss
 from chainlora.recipes.run import Run, run_metrics, train_summary
 from chainlora.recipes.trainer import (
@@ -272,10 +273,15 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     adapter = None
     if config.save_adapter and config.method != "full" and run.args.should_save:
         # the whole chain as one PEFT LoRA (rank Σ r_i) on the original base: before the final merge
-        adapter = export_adapter(model, run.run_dir / rundir.ADAPTER_DIR, overwrite=True).to_dict()
-    if config.method != "full":
-        model = merge_chain(model)
-    model.eval()
+        base, readme = adapter_reference(config.model)
+        adapter = export_adapter(
+            model,
+            run.run_dir / rundir.ADAPTER_DIR,
+            base_model_name_or_path=base,
+            readme=readme,
+            overwrite=True,
+        ).to_dict()
+    model = final_model(run, model)  # merged, in the base's own dtype: what final/ holds and the test scores
     test = run.workload.evaluate(model, run.tokenizer, "test") if run.workload.test else None
     knots = run_callback.chain.knots if run_callback.chain else []
     metrics = run_metrics(run, trainer.state, selected_step, test, knots, adapter, train_seconds)
