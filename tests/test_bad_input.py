@@ -162,7 +162,7 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
     refused(capsys, ["--resume", str(notes)], "not a chainlora run directory", notes)
-    refused(capsys, ["--resume", str(tmp_path / "missing")], "not a chainlora run directory", tmp_path / "x")
+    refused(capsys, ["--resume", str(tmp_path / "missing")], "missing does not exist", tmp_path / "x")
 
 
 def test_unwritable_output_dir(base, tmp_path, capsys, monkeypatch):

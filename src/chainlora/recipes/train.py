@@ -52,6 +52,7 @@ from chainlora.recipes.export import adapter_reference, final_model
 from chainlora.recipes.plots import plot_loss
 from chainlora.recipes.run import Run, run_metrics, train_summary
 from chainlora.recipes.trainer import (
+    SELECTION_KEYS,
     CheckpointSeal,
     LinkLR,
     RunCallback,
@@ -98,7 +99,14 @@ def setup(config: TrainConfig) -> Run:
             "FSDP is not supported by `chainlora train` (use DDP: torchrun/accelerate launch); FSDP2 knots work "
             "through the library API, see docs/distributed.md"
         )
-    checkpoints = run_dir / rundir.CHECKPOINTS_DIR
+    checkpoint = None
+    if resuming:  # the newest intact checkpoint whose best/ is intact too (one warning line otherwise)
+        checkpoint = rundir.resume_checkpoint(
+            run_dir,
+            chain=schedule is not None,
+            key=SELECTION_KEYS.get(config.selection),
+            lower_is_better=config.selection == "dev_loss",
+        )
     return Run(
         config=config,
         run_dir=run_dir,
@@ -112,7 +120,7 @@ def setup(config: TrainConfig) -> Run:
         args=args,
         schedule=schedule,
         total_steps=total_steps,
-        checkpoint=rundir.latest_checkpoint(checkpoints, chain=schedule is not None) if resuming else None,
+        checkpoint=checkpoint,
         resuming=resuming,
         started=started,
     )
@@ -307,15 +315,16 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
 def train(config: TrainConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Run (or resume) one fine-tuning run end to end and return its metrics (also in ``metrics.json``)."""
     if config.resume is not None and rundir.is_finished(config.resume):
-        logger.info("%s is already complete", config.resume)
-        return rundir.read_metrics(config.resume)
+        main = int(os.environ.get("RANK", "0")) == 0  # checked before any process group exists
+        return rundir.resume_finished(config, main=main)  # the same config check, then the cleanup it missed
     run = setup(config)
-    rundir.start_run_dir(
-        run.run_dir, config, resuming=run.resuming, checkpoint=run.checkpoint, main=run.args.should_save
-    )
-    zero_shot(run)
-    trainer, run_callback = fit(run, callbacks)
-    return finish(run, trainer, run_callback)
+    with rundir.storage_errors(run.run_dir, chain=run.schedule is not None):  # a full disk: one line, no loss
+        rundir.start_run_dir(
+            run.run_dir, config, resuming=run.resuming, checkpoint=run.checkpoint, main=run.args.should_save
+        )
+        zero_shot(run)
+        trainer, run_callback = fit(run, callbacks)
+        return finish(run, trainer, run_callback)
 
 
 def train_command(config: TrainConfig) -> int:
