@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from chainlora.testing import tiny_causal_lm, tiny_model_dir, tiny_tokenizer
+from chainlora.testing import tiny_causal_lm, tiny_model_dir, tiny_task_data, tiny_tokenizer
 
 # Property tests draw the same examples on every run, so CI on main is reproducible; to search for new
 # counterexamples run with HYPOTHESIS_PROFILE=explore (random draws) and pin what it finds with @example.
@@ -20,7 +20,10 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; $CHAINLORA_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(
+    os.environ.get("CHAINLORA_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +53,12 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("tiny-opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_cb_data(tmp_path_factory) -> Path:
+    """Made-up CB data (``chainlora.testing.tiny_task_data``), for tests that run without ``../shared``."""
+    return tiny_task_data(tmp_path_factory.mktemp("tiny-cb"))
 
 
 @pytest.fixture(scope="session")

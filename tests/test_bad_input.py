@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from chainlora import models, rundir
+from chainlora import models, rundir, tasks
 from chainlora.cli import main
 from chainlora.errors import ConfigError
 
@@ -161,7 +162,7 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
     refused(capsys, ["--resume", str(notes)], "not a chainlora run directory", notes)
-    refused(capsys, ["--resume", str(tmp_path / "missing")], "not a chainlora run directory", tmp_path / "x")
+    refused(capsys, ["--resume", str(tmp_path / "missing")], "missing does not exist", tmp_path / "x")
 
 
 def test_unwritable_output_dir(base, tmp_path, capsys, monkeypatch):
@@ -198,3 +199,127 @@ def test_a_temp_left_by_a_killed_start_is_not_a_run(base, tmp_path, capsys, monk
 
     monkeypatch.setattr(rundir, "start_run_dir", stop)  # we only want setup's verdict
     refused(capsys, [*base, "--output_dir", str(out)], "stopped after setup", out)
+
+
+# ------------------------------------------------------- hostile input (#17): made-up data, no ../shared
+
+
+@pytest.fixture
+def tiny_base(tiny_llama_dir, tiny_cb_data) -> list[str]:
+    return ["--model", str(tiny_llama_dir), "--task", TASK, "--data", str(tiny_cb_data), *SMALL]
+
+
+def _copy_data(source: Path, tmp_path: Path, suffix: str = ".jsonl") -> Path:
+    """The made-up CB data in ``tmp_path/data`` (train as ``train{suffix}``)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [json.loads(line) for line in (source / "train.jsonl").read_text().splitlines()]
+    if suffix == ".csv":
+        header = ",".join(rows[0])
+        lines = [",".join(json.dumps(v) if isinstance(v, str) else str(v) for v in r.values()) for r in rows]
+        (folder / "train.csv").write_text("\n".join([header, *lines]) + "\n")
+    else:
+        (folder / "train.jsonl").write_text((source / "train.jsonl").read_text())
+    (folder / "validation.jsonl").write_text((source / "validation.jsonl").read_text())
+    return folder
+
+
+def test_config_that_is_not_utf8(tiny_base, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"method: cola\n# caf\xe9 cr\xe8me\nlr: 0.01\n")  # Latin-1, as an old editor saves it
+    out = tmp_path / "run"
+    refused(
+        capsys,
+        ["--config", str(config), *tiny_base, "--output_dir", str(out)],
+        f"--config {config}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8",
+        out,
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_data_file_that_is_not_utf8(suffix, tiny_base, tiny_cb_data, tmp_path, capsys):
+    data = _copy_data(tiny_cb_data, tmp_path, suffix)
+    train = data / f"train{suffix}"
+    lines = train.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"the", b"th\xff", 1) if b"the" in lines[3] else b"\xff" + lines[3]
+    train.write_bytes(b"".join(lines))
+    out = tmp_path / "run"
+    line = refused(capsys, [*tiny_base, "--data", str(data), "--output_dir", str(out)], "not UTF-8", out)
+    assert f"{train}: line 4: not UTF-8 text (byte 0xff at offset" in line
+
+
+def test_garbage_parquet(tiny_base, tiny_cb_data, tmp_path, capsys):
+    data = _copy_data(tiny_cb_data, tmp_path)
+    (data / "train.jsonl").unlink()
+    (data / "train.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 8 + b"PAR1")
+    out = tmp_path / "run"
+    line = refused(capsys, [*tiny_base, "--data", str(data), "--output_dir", str(out)], "train.parquet", out)
+    assert "not a readable parquet file" in line or "needs pyarrow" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--seed", str(2**32)], "seed: must be an integer <= 4294967295, got 4294967296"),
+        (["--train_seed", str(2**32)], "train_seed: must be an integer <= 4294967295"),
+        (["--train_seed", str(10**400)], "train_seed: must be an integer <= 4294967295, got 1000000000"),
+        (["--max_length", "1e30"], "max_length: expected int"),
+        (["--max_steps", "1e30"], "max_steps: expected int or null"),
+        (["--max_steps", "5.0"], "max_steps: expected int or null"),
+        (["--lora.r", "8.0"], "lora.r: expected int"),
+    ],
+)
+def test_seeds_beyond_32_bits_and_floats_for_integers(args, expected, tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    refused(capsys, [*tiny_base, "--output_dir", str(out), *args], expected, out)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max_steps: 1.0e+30\n", "max_steps: expected int or null"),
+        ("max_length: 512.0\n", "max_length: expected int"),
+        (f"train_seed: {2**32}\n", "train_seed: must be an integer <= 4294967295"),
+    ],
+)
+def test_yaml_floats_for_integers_and_big_seeds(text, expected, tiny_base, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    refused(capsys, ["--config", str(config), *tiny_base, "--output_dir", str(out)], expected, out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same-size garbage", "missing"])
+def test_local_model_with_broken_weights(damage, tiny_llama_dir, tiny_base, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-4096])
+        expected = f"{weights}: truncated: "
+    elif damage == "same-size garbage":
+        weights.write_bytes(bytes(range(256)) * (weights.stat().st_size // 256))
+        expected = f"{weights}: not a safetensors file"
+    else:
+        weights.unlink()
+        expected = f"{model}: no model weights"
+    out = tmp_path / "run"
+    refused(capsys, [*tiny_base, "--model", str(model), "--output_dir", str(out)], expected, out)
+
+
+def test_eval_output_under_a_file_is_refused_before_any_work(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output must be checked before the model or the data is loaded")
+
+    monkeypatch.setattr(models, "load", no_work)
+    monkeypatch.setattr(tasks, "load_task_data", no_work)
+    argv = ["eval", "--model", str(tiny_llama_dir), "--task", TASK, "--output", str(blocker / "cb.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: output: {blocker} is a file, so {blocker / 'cb.json'} cannot be created under it"]
+    assert main([*argv[:-1], str(tmp_path)]) == 2  # a folder
+    assert capsys.readouterr().err.strip() == f"error: output: {tmp_path} is a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

@@ -61,6 +61,15 @@ def test_knot_cost_quick(tmp_path):
     assert 0 < saved["knot_over_epoch"] < saved["knot_over_step"]
 
 
+def test_checkpoint_seal_quick(tmp_path):
+    saved = run_bench("checkpoint_seal", tmp_path)
+    assert {"chainlora_chain.safetensors", "adapter_model.safetensors", "optimizer.pt"} <= set(
+        saved["file_bytes"]
+    )
+    assert all(len(values) == saved["reps"] for values in saved["seconds"].values())
+    assert saved["medians"]["seal"] > 0 and "hash_share" in saved
+
+
 def test_batching_quick(tmp_path, shared_data):
     saved = run_bench("batching", tmp_path, "--tasks", "sst2")
     plans = saved["tasks"]["sst2"]["plans"]

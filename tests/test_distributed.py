@@ -386,22 +386,4 @@ def test_rank_schedule_check_needs_one_rank_per_chain_with_several_processes():
     check_rank_schedule(fixed, 8, processes=2)
 
 
-def test_torchrun_chainlora_train_cola_on_two_processes(tiny_llama_dir, shared_data, tmp_path):
-    """``torchrun --nproc_per_node 2 -m chainlora train``: the run completes, the main process writes one
-    metrics.json with the knot once, and checkpoints carry the chain state."""
-    run = tmp_path / "run"
-    command = [
-        str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "chainlora", "train",
-        "--model", str(tiny_llama_dir), "--task", "cb", "--data", str(shared_data / "cb"), "--method", "cola",
-        "--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--epochs", "2", "--batch_size", "2",
-        "--max_length", "128", "--lr", "1e-3", "--chain.length", "2", "--zero_shot", "false",
-        "--save_steps", "2", "--keep_checkpoints", "true", "--output_dir", str(run),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["train_steps"] == 8  # 16 examples / (2 processes × 2) = 4 steps per epoch, 2 epochs
-    assert [k["step"] for k in metrics["knots"]] == [4]  # the epoch boundary, recorded once
-    assert (run / "checkpoints" / "checkpoint-8" / CHAIN_STATE_FILE).is_file()  # written by the main process
-    assert "error" not in proc.stderr.lower()
+# `torchrun -m chainlora train` on two processes, killed and resumed: tests/test_ddp_exact.py

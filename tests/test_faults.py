@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from chainlora import tasks
@@ -168,8 +168,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(
 def _fake_checkpoint(folder: Path, step: int, *, sealed: bool) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text("{}")
-    (path / CHAIN_STATE_FILE).write_bytes(b"x" * 100)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    save_file({"w": torch.zeros(25)}, str(path / CHAIN_STATE_FILE))
     if sealed:
         seal_checkpoint(path)
     return path
@@ -190,7 +190,7 @@ def test_latest_checkpoint_never_returns_a_torn_one(tmp_path):
     assert latest_checkpoint(folder, chain=True) == good
     no_chain = folder / "checkpoint-7"
     no_chain.mkdir()
-    (no_chain / "trainer_state.json").write_text("{}")
+    (no_chain / "trainer_state.json").write_text(json.dumps({"global_step": 7, "log_history": []}))
     seal_checkpoint(no_chain)
     assert latest_checkpoint(folder, chain=True) == good  # a chain run needs its chain state
     assert latest_checkpoint(folder, chain=False) == no_chain

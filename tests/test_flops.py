@@ -5,7 +5,14 @@ from __future__ import annotations
 from peft import LoraConfig, get_peft_model
 
 from chainlora import tie_knot
-from chainlora.recipes.flops import Matmul, attention_flops, flop_model, matmul_flops, step_flops
+from chainlora.recipes.flops import (
+    Matmul,
+    attention_flops,
+    flop_model,
+    matmul_flops,
+    sequence_flops,
+    step_flops,
+)
 from chainlora.testing import tiny_causal_lm
 
 
@@ -79,3 +86,15 @@ def test_opt_matches_llama_structure():
         "fc2": (1, 4),
     }
     assert fm.first_trainable == (0, 0) and [d for _, d in fm.attention] == [32, 32]
+
+
+def test_a_batch_counts_its_real_tokens_however_it_is_split_or_padded():
+    """#17 item 14: ``train_flops`` of the same global work does not depend on the number of processes (or
+    micro-batches): each sequence counts its own tokens, padding excluded, and the Trainer sums the processes."""
+    fm = flop_model(_llama_lora())
+    lengths = [5, 17, 9, 12]
+    whole = sequence_flops(fm, lengths)
+    assert whole == sequence_flops(fm, lengths[:2]) + sequence_flops(fm, lengths[2:])
+    assert whole == sum(step_flops(fm, 1, n) for n in lengths)
+    assert whole < step_flops(fm, 4, 17)  # what counting the padded batch gave
+    assert sequence_flops(fm, [0, 0]) == 0

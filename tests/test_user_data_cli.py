@@ -287,6 +287,10 @@ def test_eval_on_your_data_reproduces_the_runs_test_score(chat_model, tmp_path, 
     assert result["num_examples"] == 3 and result["metric"] == metrics["metric"]
     assert result["score"] == pytest.approx(metrics["test_score"], abs=1e-6)
     assert f"{result['metric']}: {result['score']:.4f}" in capsys.readouterr().out
+    # a run's final/ alone: scored as the run scored it (its data, seed, sizes and precision)
+    assert main(["eval", str(run / "final"), "--output", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["score"] == result["score"] and again["precision"] == metrics["test_precision"] == "fp32"
 
 
 def test_eval_without_task_or_data_is_one_line(capsys):

@@ -46,6 +46,7 @@ from chainlora.state import CHAIN_STATE_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_README = "README.md"  # where the base model comes from and how to load the adapter onto it
 PREFIX = "base_model.model."  # how PEFT names a LoRA layer in a saved adapter: PREFIX + module path
 
 
@@ -229,10 +230,12 @@ def export_adapter(
     rank: int | None = None,
     *,
     base_model_name_or_path: str | None = None,
+    readme: str | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
     """Write the whole chain of ``model`` (every tied link + the current one, every LoRA layer) as one standard
-    PEFT LoRA adapter folder ``path`` (``adapter_config.json`` + ``adapter_model.safetensors``).
+    PEFT LoRA adapter folder ``path`` (``adapter_config.json`` + ``adapter_model.safetensors``, and ``readme`` as
+    its ``README.md`` when given).
 
     Invariant: ``PeftModel.from_pretrained(original_base, path)`` computes the chained model's function,
     ``W0 + Σ_i s_i·B_i·A_i`` (fp32 rounding only; ≤ 1e-5 on the tiny test models), whatever the training copy
@@ -245,11 +248,17 @@ def export_adapter(
     meta = _meta_of(model, chains)
     if base_model_name_or_path is not None:
         meta.base_model_name_or_path = base_model_name_or_path
-    return _write_adapter(chains, meta, Path(path), rank, overwrite=overwrite)
+    return _write_adapter(chains, meta, Path(path), rank, overwrite=overwrite, readme=readme)
 
 
 def _write_adapter(
-    chains: dict[str, list[TiedLink]], meta: _Meta, path: Path, rank: int | None, *, overwrite: bool
+    chains: dict[str, list[TiedLink]],
+    meta: _Meta,
+    path: Path,
+    rank: int | None,
+    *,
+    overwrite: bool,
+    readme: str | None = None,
 ) -> ExportReport:
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ChainLoRAError(f"export rank must be a positive integer, got {rank!r}")
@@ -290,6 +299,8 @@ def _write_adapter(
         save_file(
             tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "chainlora": json.dumps(info)}
         )
+        if readme is not None:
+            (tmp / ADAPTER_README).write_text(readme)
         existing = path / ADAPTER_CONFIG
         written = json.loads((tmp / ADAPTER_CONFIG).read_text())
         if existing.is_file() and not overwrite and json.loads(existing.read_text()) != written:
@@ -316,7 +327,9 @@ def _check_target(path: Path, overwrite: bool) -> None:
         return
     if not path.is_dir():
         raise ChainLoRAError(f"{path} exists and is not a folder; pass overwrite=True to replace it")
-    others = [p.name for p in path.iterdir() if p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+    others = [
+        p.name for p in path.iterdir() if p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_README)
+    ]
     if others:
         raise ChainLoRAError(
             f"{path} already holds other files ({', '.join(sorted(others)[:3])}…); pass overwrite=True to "
@@ -465,7 +478,13 @@ def find_chain_source(run_dir: str | Path) -> Path:
 
 
 def export_run_adapter(
-    run_dir: str | Path, rank: int | None = None, *, out: str | Path | None = None, overwrite: bool = False
+    run_dir: str | Path,
+    rank: int | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    base_model_name_or_path: str | None = None,
+    readme: str | None = None,
 ) -> dict[str, Any]:
     """Export the chain of a finished (or interrupted) run as one PEFT adapter; returns ``ExportReport.to_dict()``
     plus ``source`` (the folder read, see :func:`find_chain_source`).
@@ -473,12 +492,14 @@ def export_run_adapter(
     ``out`` defaults to ``run_dir/adapter`` (``run_dir/adapter-r{rank}`` with ``rank``). When the source is
     already ``run_dir/adapter`` and no ``rank`` is asked, nothing is rewritten: the report describes it.
     A checkpoint is the chain at *that* step, not the dev-selected final state: prefer the ``adapter/`` that
-    ``chainlora train`` writes.
+    ``chainlora train`` writes. ``base_model_name_or_path`` and ``readme`` are as in :func:`export_adapter`.
     """
     run_dir = Path(run_dir)
     source = find_chain_source(run_dir)
     is_chain_state = (source / CHAIN_STATE_FILE).is_file()
     chains, meta = read_chain_state(source) if is_chain_state else read_adapter(source)
+    if base_model_name_or_path is not None:
+        meta.base_model_name_or_path = base_model_name_or_path
     default = rundir.ADAPTER_DIR if rank is None else f"{rundir.ADAPTER_DIR}-r{rank}"
     target = Path(out) if out is not None else run_dir / default
     if not is_chain_state and rank is None and target.resolve() == source.resolve():
@@ -495,7 +516,7 @@ def export_run_adapter(
             bytes=(source / ADAPTER_WEIGHTS).stat().st_size,
         )
     else:
-        report = _write_adapter(chains, meta, target, rank, overwrite=overwrite)
+        report = _write_adapter(chains, meta, target, rank, overwrite=overwrite, readme=readme)
     return {**report.to_dict(), "source": str(source)}
 
 
@@ -507,3 +528,31 @@ def _link_ranks_in(folder: Path) -> dict[str, tuple[int, ...]] | None:
         info = json.loads((f.metadata() or {}).get("chainlora", "{}"))
     ranks = info.get("link_ranks")
     return {name: tuple(r) for name, r in ranks.items()} if ranks else None
+
+
+# ------------------------------------------------------------------------------- onto the original base
+
+
+@torch.no_grad()
+def merge_links(model: nn.Module, chains: dict[str, list[TiedLink]]) -> nn.Module:
+    """Merge ``chains`` (module path → links, as :func:`chain_links` gives them) into the plain transformers model
+    ``model``, in fp32: ``W ← W + Σ_i s_i·B_i·A_i`` and ``b ← b + Σ_i s_i·b_i`` per layer, rounded once to W's
+    dtype. On the original base this is the chained model merged, computed like PEFT applying the adapter
+    :func:`export_adapter` writes (the same stacked factors)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, links in chains.items():
+        layer = model.get_submodule(name)
+        lora_A, lora_B, bias = stack_links(links)
+        delta = lora_B @ lora_A  # (out, in)
+        if isinstance(layer, Conv1D):  # weight stored (in, out)
+            delta = delta.T
+        weight = layer.weight
+        weight.copy_(weight.float() + delta.to(weight.device))
+        if bias is not None:
+            if layer.bias is None:
+                raise ChainLoRAError(
+                    f"{name}: the chain has a LoRA bias but the layer has no bias to merge into"
+                )
+            layer.bias.copy_(layer.bias.float() + bias.to(layer.bias.device))
+    return model

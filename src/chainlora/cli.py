@@ -49,7 +49,14 @@ def _resumed_run(given: dict[str, Any]) -> dict[str, Any] | None:
     from chainlora.rundir import CONFIG_FILE
 
     saved = Path(given["resume"]) / CONFIG_FILE if given.get("resume") else None
-    return read_yaml_mapping(saved) if saved is not None and saved.is_file() else None
+    return read_yaml_mapping(saved, name="resume:") if saved is not None and saved.is_file() else None
+
+
+def _run_of_model(given: dict[str, Any]) -> dict[str, Any] | None:
+    """``eval RUN_DIR/final``: how the run scored its final model is the base the command line overrides."""
+    from chainlora.recipes.evaluate import run_eval_settings
+
+    return run_eval_settings(given.get("model"))
 
 
 def _sweep_block(given: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,6 +80,7 @@ COMMANDS: dict[str, Command] = {
         EvalConfig,
         "chainlora.recipes.evaluate:eval_command",
         first="model",
+        base=_run_of_model,
     ),
     "models": Command(
         "List the registry's pretrained models (installed, cached, how to install).",

@@ -19,3 +19,7 @@ class ModelNotAvailableError(ChainLoRAError):
 
 class KnotError(ChainLoRAError):
     """A knot was refused (non-finite or exploding delta, unsupported layer); the model was left unchanged."""
+
+
+class OutputError(ChainLoRAError):
+    """An output cannot be written (a full disk, a quota, an unwritable or blocked path)."""

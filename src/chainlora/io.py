@@ -105,3 +105,19 @@ def remove_temps(root: str | Path) -> list[Path]:
                 removed.append(path)
         dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
     return removed
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why a file cannot be written at ``path`` (checked before any work, nothing created), or None: it is a
+    folder, a parent of it is a file, or the nearest existing folder is not writable."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return f"{path} is a folder"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, so {path} cannot be created under it"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None

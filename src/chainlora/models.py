@@ -331,17 +331,92 @@ def load(
         raise ConfigError(
             f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16"
         )
+    folder, bos = model_folder(name_or_path, cache_dir)
+    config = _causal_lm_config(folder)
+    check_weights(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # whatever transformers raises for a folder it cannot read: one line
+        raise ModelNotAvailableError(f"{folder}: cannot be loaded ({_first_line(err)})") from None
+    model.eval()
+    return model, prepare_tokenizer(tokenizer, model.config, bos=bos)
+
+
+def model_folder(name_or_path: str | Path, cache_dir: str | Path | None = None) -> tuple[Path, bool | None]:
+    """The folder :func:`load` reads for ``name_or_path`` (a registry model is converted first), and the BOS
+    decision for :func:`prepare_tokenizer` (None: the folder's own)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        folder, bos = path, None
-    else:
-        entry = _entry(str(name_or_path))
-        folder, bos = ensure_converted(entry.name, cache_dir), entry.add_bos
-    config = _causal_lm_config(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, prepare_tokenizer(tokenizer, model.config, bos=bos)
+        return path, None
+    entry = _entry(str(name_or_path))
+    return ensure_converted(entry.name, cache_dir), entry.add_bos
+
+
+def native_dtype(name_or_path: str | Path, cache_dir: str | Path | None = None) -> torch.dtype:
+    """The dtype a model's weights are stored in: its config's ``dtype`` (``torch_dtype`` in older folders),
+    float32 for the registry's converted models and for a config that names none (or an unsupported one)."""
+    folder, _ = model_folder(name_or_path, cache_dir)
+    dtype = getattr(_causal_lm_config(folder), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in ALLOWED_DTYPES else torch.float32
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse, in one ``ModelNotAvailableError`` line and before anything is loaded, a folder whose weights are
+    missing, or whose safetensors files are truncated or not safetensors at all (header and size checked: the
+    header must parse and the file must end exactly where its last tensor does)."""
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ModelNotAvailableError(f"{folder}: no model weights ({' or '.join(WEIGHT_FILES[:2])}) in it")
+    files = [folder / "model.safetensors"] if present[0] == "model.safetensors" else []
+    if present[0] == "model.safetensors.index.json":
+        try:
+            index = json.loads((folder / present[0]).read_bytes())
+            files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelNotAvailableError(f"{folder / present[0]}: unreadable ({_first_line(err)})") from None
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            fix = " (delete the folder to convert the model again)" if folder.parent.name == "models" else ""
+            raise ModelNotAvailableError(f"{file}: {problem}{fix}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None. Reads its header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or length > min(size - 8, 100 << 20):
+                return "not a safetensors file (no valid header)" if size >= 8 else "missing or empty"
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as err:
+        return f"not a safetensors file (its header does not parse: {_first_line(err)})"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "not a safetensors file (its header lists no tensor offsets)"
+    if size < 8 + length + end:
+        return f"truncated: {size} bytes, its header needs {8 + length + end}"
+    if size > 8 + length + end:
+        return f"{size - 8 - length - end} bytes of garbage after the last tensor"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
 
 
 def _causal_lm_config(folder: Path) -> PretrainedConfig:

@@ -15,11 +15,23 @@ def fail(name: str, problem: str) -> ConfigError:
     return ConfigError(f"{name}: {problem}")
 
 
-def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """``value`` is an integer (not a bool) >= 1, or >= 0 with ``allow_zero``."""
+INT64_MAX = 2**63 - 1  # every integer field must fit torch's and numpy's int64
+SEED_MAX = 2**32 - 1  # numpy's (and so HF's set_seed's) seed range
+
+
+def positive_int(name: str, value: Any, *, allow_zero: bool = False, high: int = INT64_MAX) -> None:
+    """``value`` is an integer (not a bool) >= 1 (>= 0 with ``allow_zero``) and <= ``high``."""
     low = 0 if allow_zero else 1
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise fail(name, f"must be an integer >= {low}, got {value!r}")
+        raise fail(name, f"must be an integer >= {low}, got {_short(value)}")
+    if value > high:
+        raise fail(name, f"must be an integer <= {high}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters (an integer may have thousands of digits)."""
+    shown = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"{str(value)[:20]}..."
+    return shown if len(shown) <= 40 else f"{shown[:37]}..."
 
 
 def number(

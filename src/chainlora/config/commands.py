@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from chainlora.config.checks import choice, fail, positive_int
+from chainlora.config.checks import SEED_MAX, choice, fail, positive_int
 from chainlora.config.data import DataSpec
 from chainlora.config.train import Method, Precision, TrainConfig
 from chainlora.errors import ConfigError
@@ -63,7 +63,7 @@ class EvalConfig:
             raise fail("task", "name a task (--task boolq; see `chainlora tasks`) or your data (--data FILE)")
         if self.task is not None and self.data.is_custom:
             raise fail("data", "format fields describe your own data; with --task only data.path applies")
-        positive_int("seed", self.seed, allow_zero=True)
+        positive_int("seed", self.seed, allow_zero=True, high=SEED_MAX)
         if self.num_eval is not None:
             positive_int("num_eval", self.num_eval)
         choice("split", self.split, EvalSplit)

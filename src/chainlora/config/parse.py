@@ -59,23 +59,31 @@ def parse_config(cls: type[T], argv: Sequence[str], *, prog: str, base: Base | N
     return cls.from_dict(values) if hasattr(cls, "from_dict") else cls(**values)
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds (empty for an empty file); else one line naming the file and the
-    spot: missing, unreadable, invalid YAML, or not a mapping."""
+def read_yaml_mapping(path: str | Path, *, name: str = "--config") -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file); else one line starting with ``name`` and
+    the file, saying what is wrong and where: missing, unreadable, not UTF-8, invalid YAML, or not a mapping."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except OSError as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+        raise ConfigError(f"{name} {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{name} {path}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"--config {path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}"
-        ) from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{name} {path}: invalid YAML{where}: {problem}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of fields, got a {type(data).__name__}")
+        raise ConfigError(f"{name} {path}: expected a mapping of fields, got a {type(data).__name__}")
     return data or {}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from chainlora.config.checks import choice, fail, number, positive_int
+from chainlora.config.checks import SEED_MAX, choice, fail, number, positive_int
 from chainlora.config.data import DataSpec
 from chainlora.errors import ConfigError
 
@@ -296,8 +296,8 @@ class TrainConfig:
         if self.task is not None and self.data.is_custom:
             raise fail("data", f"task {self.task} has its own format: with --task, only data.path applies")
         choice("method", self.method, Method)
-        positive_int("seed", self.seed, allow_zero=True)
-        positive_int("train_seed", self.train_seed, allow_zero=True)
+        positive_int("seed", self.seed, allow_zero=True, high=SEED_MAX)
+        positive_int("train_seed", self.train_seed, allow_zero=True, high=SEED_MAX)
         if self.num_train is not None:
             positive_int("num_train", self.num_train)
         if self.num_dev is not None:

@@ -4,27 +4,68 @@
     score_adapters(run_dir)    the test score of PEFT adapters on a run's original base (``chainlora export``)
 
 The examples are the same per-seed draw as ``chainlora train`` (test = the first ``num_eval`` of a seeded
-permutation of the validation split), so ``chainlora eval RUN/final --task T --seed S --num_eval N`` reproduces
-the run's ``test_score``.
+permutation of the validation split). Given a run's ``final/``, ``chainlora eval RUN/final`` scores it as the run
+did (the run's task, data, seed, ``num_eval``, ``max_length``, batch size and the precision of its test score,
+unless given: :func:`run_eval_settings`), so it reproduces the run's ``test_score``; the result says which
+precision it was computed in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from chainlora import rundir
 from chainlora.config import EvalConfig
-from chainlora.errors import ConfigError
-from chainlora.io import write_json_atomic
+from chainlora.errors import ConfigError, OutputError
+from chainlora.io import output_problem, write_json_atomic
 from chainlora.perf import DTYPES
+
+logger = logging.getLogger("chainlora")
+
+
+def run_eval_settings(model: str | None) -> dict[str, Any] | None:
+    """When ``model`` is the ``final/`` of a finished ``chainlora train`` run: how the run scored it (task, data,
+    sampling seed and sizes, ``max_length``, batch size, the precision of its test score), as ``EvalConfig``
+    fields; else None. ``chainlora eval`` takes them as the base its command line overrides."""
+    if not model:
+        return None
+    folder = Path(model).expanduser()
+    run_dir = folder.parent
+    if folder.name != rundir.FINAL_DIR or not (rundir.is_finished(run_dir) and rundir.is_started(run_dir)):
+        return None
+    config = rundir.load_run_config(run_dir)
+    metrics = rundir.read_metrics(run_dir)
+    settings = {
+        "task": config.task,
+        "data": dataclasses.asdict(config.data),
+        "seed": config.seed,
+        "num_eval": config.num_eval,
+        "num_train": config.num_train,
+        "num_dev": config.num_dev,
+        "max_length": config.max_length,
+        "batch_size": config.eval_batch_size,
+        "precision": metrics.get("test_precision") or "fp32",
+    }
+    logger.info(
+        "%s is the final model of run %s: scored as the run scored it, unless told otherwise", folder, run_dir
+    )
+    return settings
 
 
 def evaluate_model(config: EvalConfig) -> dict[str, Any]:
     """Load the examples (a task's, or your data's: the same per-seed split as ``chainlora train``) and the model,
-    score, and return (and optionally write) the result."""
+    score, and return (and optionally write) the result. The output path is checked first, before any work."""
     from chainlora import models, tasks
 
+    if config.output:
+        problem = output_problem(config.output)
+        if problem is not None:
+            raise ConfigError(f"output: {problem}")
     if config.task is None:
         return _evaluate_user_data(config)
     task = tasks.get_task(config.task)
@@ -51,12 +92,21 @@ def evaluate_model(config: EvalConfig) -> dict[str, Any]:
         "seed": config.seed,
         "metric": result["metric"],
         "score": float(result["score"]),
+        "precision": config.precision,  # the weights' dtype while scoring (no autocast)
         "num_examples": len(examples),
         "data_source": splits.source.description,
     }
-    if config.output:
-        write_json_atomic(config.output, summary)
+    _write_output(config, summary)
     return summary
+
+
+def _write_output(config: EvalConfig, summary: dict[str, Any]) -> None:
+    """``summary`` as JSON in ``config.output`` (when given); a failed write is one ``OutputError`` line."""
+    if config.output:
+        try:
+            write_json_atomic(config.output, summary)
+        except OSError as err:
+            raise OutputError(f"output: cannot write {config.output} ({err.strerror or err})") from None
 
 
 def _evaluate_user_data(config: EvalConfig) -> dict[str, Any]:
@@ -97,11 +147,11 @@ def _evaluate_user_data(config: EvalConfig) -> dict[str, Any]:
         "metric": result["metric"],
         "score": float(numbers["score"]) if "score" in numbers else None,
         "metrics": numbers,
+        "precision": config.precision,  # the weights' dtype while scoring (no autocast)
         "num_examples": len(workload.test if config.split == "test" else workload.dev),
         "data_source": workload.source,
     }
-    if config.output:
-        write_json_atomic(config.output, summary)
+    _write_output(config, summary)
     return summary
 
 
@@ -113,7 +163,7 @@ def eval_command(config: EvalConfig) -> int:
     score = f"{result['score']:.4f}" if result["score"] is not None else "–"
     print(
         f"{result['task']} {result['split']} {result['metric']}: {score}{extra} "
-        f"({result['num_examples']} examples, model {result['model']})"
+        f"({result['num_examples']} examples, model {result['model']}, {result['precision']})"
     )
     return 0
 

@@ -12,9 +12,12 @@ B (r → out), both trained: forward 2r(in+out), weight grads 2r(in+out), B's in
 weight grad needs it) and A's input grad 2r·in (when the base layer needs its input grad). That is why a
 lower-rank link is cheaper, as in the paper's Table 4 (the frozen base dominates, so savings are modest).
 
-Attention scores (per layer, with d = the queries' width = heads·head_dim and T the padded sequence length):
+Attention scores (per layer, with d = the queries' width = heads·head_dim and T the sequence length):
 QKᵀ and P·V cost 2·T·d per token each in the forward pass (the full T×T square, no causal halving), and twice
 that in the backward pass (gradients of both operands) when the layer's attention inputs need gradients.
+
+A training run counts each sequence on its real tokens (:func:`sequence_flops`: padding excluded), so the total
+of the same examples does not depend on how they are batched, accumulated or split over processes.
 
 "Needs an input gradient" is decided by *stages* in forward order: (layer i, 0) q/k/v projections, (i, 1)
 attention scores, (i, 2) output projection, (i, 3) MLP input projections, (i, 4) MLP output projection, then
@@ -28,6 +31,8 @@ before layer 0 outside the layers. Not counted: norms, activations, softmax, the
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from peft.tuners.lora import LoraLayer
@@ -101,6 +106,14 @@ def step_flops(fm: FlopModel, sequences: int, seq_len: int) -> int:
     for layer, d in fm.attention:
         total += attention_flops(d, seq_len, tokens, backward=fm.needs_input_grad((layer, 1)))
     return total
+
+
+def sequence_flops(fm: FlopModel, lengths: Iterable[int]) -> int:
+    """Training FLOPs of a micro-batch counted on its real tokens: each sequence of ``lengths`` as a batch of its
+    own (padding excluded), so the count is a sum over sequences, independent of the batching."""
+    return sum(
+        count * step_flops(fm, 1, int(length)) for length, count in Counter(lengths).items() if length > 0
+    )
 
 
 def _stage_of(name: str, num_layers: int, is_head: bool) -> Stage:

@@ -42,6 +42,8 @@ class Run:
     zero_shot: dict[str, Any] | None = None  # {"test_score", "metric", "metrics"} of the pretrained model
     lora_bias: bool | None = None  # resolved lora.bias (null: on for OPT)
     trainable_params: int | None = None  # at the start of training (a rank step-down lowers it later)
+    # the dtype of final/, the model the test score is computed on (no autocast)
+    test_precision: str | None = None
     started: float = 0.0  # perf_counter() when setup began (for session_seconds)
 
 
@@ -90,8 +92,10 @@ def run_metrics(
         "dev_loss": selected["dev_loss"] if selected else None,
         "test_score": float(test["score"]) if test and test.get("score") is not None else None,
         "test_metrics": scalar_metrics(test) if test else None,
+        "test_precision": run.test_precision if test else None,  # final/'s dtype: `chainlora eval` scores so
         "zero_shot_test_score": zero_shot.get("test_score"),
         "zero_shot_test_metrics": zero_shot.get("metrics"),
+        "zero_shot_precision": run.speed.base_dtype if run.zero_shot is not None else None,
         "train_flops": float(state.total_flos),
         "train_seconds": round(
             train_seconds, 2
@@ -138,7 +142,8 @@ def train_summary(metrics: dict[str, Any]) -> str:
         selected = f"step {metrics['selected_step']}"
         if metrics.get("dev_score") is not None:
             selected += f", by {metrics['selection']}; dev {metric} {metrics['dev_score']:.4f}"
-        lines.append(f"  fine-tuned test {metric}: {metrics['test_score']:.4f}   ({selected})")
+        precision = f", {metrics['test_precision']}" if metrics.get("test_precision") else ""
+        lines.append(f"  fine-tuned test {metric}: {metrics['test_score']:.4f}   ({selected}{precision})")
     lines.append(
         f"  trained {metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, "
         f"{metrics['train_flops']:.3g} FLOPs; knots at {[k['step'] for k in metrics['knots']] or 'none'}"

@@ -42,15 +42,17 @@ from transformers.integrations import TensorBoardCallback
 from chainlora import distributed, models, rundir
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
-from chainlora.chain import check_ranks_fit, merge_chain
+from chainlora.chain import check_ranks_fit
 from chainlora.config import TrainConfig
 from chainlora.errors import ConfigError
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import write_json_atomic
 from chainlora.perf import resolve_speed
+from chainlora.recipes.export import adapter_reference, final_model
 from chainlora.recipes.plots import plot_loss
 from chainlora.recipes.run import Run, run_metrics, train_summary
 from chainlora.recipes.trainer import (
+    SELECTION_KEYS,
     CheckpointSeal,
     LinkLR,
     RunCallback,
@@ -97,7 +99,14 @@ def setup(config: TrainConfig) -> Run:
             "FSDP is not supported by `chainlora train` (use DDP: torchrun/accelerate launch); FSDP2 knots work "
             "through the library API, see docs/distributed.md"
         )
-    checkpoints = run_dir / rundir.CHECKPOINTS_DIR
+    checkpoint = None
+    if resuming:  # the newest intact checkpoint whose best/ is intact too (one warning line otherwise)
+        checkpoint = rundir.resume_checkpoint(
+            run_dir,
+            chain=schedule is not None,
+            key=SELECTION_KEYS.get(config.selection),
+            lower_is_better=config.selection == "dev_loss",
+        )
     return Run(
         config=config,
         run_dir=run_dir,
@@ -111,7 +120,7 @@ def setup(config: TrainConfig) -> Run:
         args=args,
         schedule=schedule,
         total_steps=total_steps,
-        checkpoint=rundir.latest_checkpoint(checkpoints, chain=schedule is not None) if resuming else None,
+        checkpoint=checkpoint,
         resuming=resuming,
         started=started,
     )
@@ -272,10 +281,15 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     adapter = None
     if config.save_adapter and config.method != "full" and run.args.should_save:
         # the whole chain as one PEFT LoRA (rank Σ r_i) on the original base: before the final merge
-        adapter = export_adapter(model, run.run_dir / rundir.ADAPTER_DIR, overwrite=True).to_dict()
-    if config.method != "full":
-        model = merge_chain(model)
-    model.eval()
+        base, readme = adapter_reference(config.model)
+        adapter = export_adapter(
+            model,
+            run.run_dir / rundir.ADAPTER_DIR,
+            base_model_name_or_path=base,
+            readme=readme,
+            overwrite=True,
+        ).to_dict()
+    model = final_model(run, model)  # merged, in the base's own dtype: what final/ holds and the test scores
     test = run.workload.evaluate(model, run.tokenizer, "test") if run.workload.test else None
     knots = run_callback.chain.knots if run_callback.chain else []
     metrics = run_metrics(run, trainer.state, selected_step, test, knots, adapter, train_seconds)
@@ -301,15 +315,16 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
 def train(config: TrainConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
     """Run (or resume) one fine-tuning run end to end and return its metrics (also in ``metrics.json``)."""
     if config.resume is not None and rundir.is_finished(config.resume):
-        logger.info("%s is already complete", config.resume)
-        return rundir.read_metrics(config.resume)
+        main = int(os.environ.get("RANK", "0")) == 0  # checked before any process group exists
+        return rundir.resume_finished(config, main=main)  # the same config check, then the cleanup it missed
     run = setup(config)
-    rundir.start_run_dir(
-        run.run_dir, config, resuming=run.resuming, checkpoint=run.checkpoint, main=run.args.should_save
-    )
-    zero_shot(run)
-    trainer, run_callback = fit(run, callbacks)
-    return finish(run, trainer, run_callback)
+    with rundir.storage_errors(run.run_dir, chain=run.schedule is not None):  # a full disk: one line, no loss
+        rundir.start_run_dir(
+            run.run_dir, config, resuming=run.resuming, checkpoint=run.checkpoint, main=run.args.should_save
+        )
+        zero_shot(run)
+        trainer, run_callback = fit(run, callbacks)
+        return finish(run, trainer, run_callback)
 
 
 def train_command(config: TrainConfig) -> int:

@@ -9,10 +9,12 @@ arguments, a knot schedule and an LR schedule; dev evaluation; the run's callbac
                                       dev loss and dev score per evaluation, the non-finite guard per micro-batch,
                                       ``compile: auto``'s fallback to eager when compiling fails
     RunCallback                       the best dev state in best/, knots in TensorBoard, training time across resumes
+    EvaluateBeforeSave                a checkpoint at an evaluated step is written after that evaluation
     CheckpointSeal                    the last callback: seals each checkpoint (``chainlora.rundir``)
 
 Everything a run's state depends on is a function of the step or restored from the checkpoint (the LR, the chain,
-the best-dev record re-derived from the log history), so a resumed run replays an uninterrupted one exactly.
+the best-dev record re-derived from the log history, which holds every evaluation up to the checkpoint's step), so a
+resumed run replays an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_compiled_module
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from chainlora import rundir, tasks
 from chainlora.callback import ChainOfLoRACallback
@@ -36,7 +39,7 @@ from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.guards import NonFiniteGuard
 from chainlora.perf import Speed
-from chainlora.recipes.flops import flop_model, step_flops
+from chainlora.recipes.flops import flop_model, sequence_flops
 from chainlora.schedules import ChainSchedule, KnotSchedule
 
 logger = logging.getLogger("chainlora")
@@ -169,6 +172,7 @@ class RunTrainer(tasks.TaskTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(EvaluateBeforeSave())  # after DefaultFlowCallback, whose save decision it defers
         self.lr_lambda = lr_lambda
         self.nonfinite_guard = nonfinite_guard
         self.loss = loss
@@ -227,9 +231,14 @@ class RunTrainer(tasks.TaskTrainer):
         return self.lr_scheduler
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Analytic training FLOPs of this micro-batch at the current link's rank (see recipes.flops)."""
-        sequences, seq_len = inputs["input_ids"].shape
-        return step_flops(flop_model(self.model), sequences, seq_len)
+        """Analytic training FLOPs of this micro-batch at the current link's rank, counted on its real (unpadded)
+        tokens (see recipes.flops): the same global work gives the same total on any number of processes (the
+        Trainer sums the processes' counts) and with any split into micro-batches."""
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            sequences, seq_len = inputs["input_ids"].shape
+            return sequence_flops(flop_model(self.model), [seq_len] * sequences)
+        return sequence_flops(flop_model(self.model), mask.sum(-1).tolist())
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -282,9 +291,9 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.started = time.perf_counter()
-        for entry in state.log_history:
-            if self.key and self.key in entry and self._is_better(entry[self.key]):
-                self.best, self.best_step = entry[self.key], entry["step"]
+        self.best, self.best_step = rundir.best_in_history(
+            state.log_history, self.key, lower_is_better=self.lower_is_better
+        )
         self.knots_logged = len(self.chain.knots) if self.chain else 0
         self.seconds_before = rundir.train_seconds_at(self.resumed_from)
 
@@ -344,6 +353,31 @@ class SampleGenerations(TrainerCallback):
                 for s in samples
             )
             self.tb_writer.add_text("samples", text, state.global_step)
+
+
+class EvaluateBeforeSave(TrainerCallback):
+    """A checkpoint at a step that is also evaluated is written after the evaluation, so every sealed checkpoint's
+    ``trainer_state.json`` holds every evaluation up to its step and a run resumed from it selects exactly the
+    state an uninterrupted run selects.
+
+    With ``save_steps`` the Trainer saves in ``on_step_end`` and evaluates (``eval_strategy="epoch"``) only in
+    ``on_epoch_end``: at the last step of an epoch (or the last step of the run) the checkpoint came first. This
+    callback, after HF's ``DefaultFlowCallback``, takes the save away at such a step and gives it back in
+    ``on_epoch_end``, where the Trainer evaluates, then saves.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        epoch_end = state.epoch is not None and float(state.epoch).is_integer()
+        evaluated = args.eval_strategy == IntervalStrategy.EPOCH and args.eval_delay <= (state.epoch or 0)
+        if control.should_save and evaluated and (epoch_end or control.should_training_stop):
+            control.should_save, self.deferred = False, True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.deferred:
+            control.should_save, self.deferred = True, False
 
 
 class CheckpointSeal(TrainerCallback):

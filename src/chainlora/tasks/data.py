@@ -199,7 +199,27 @@ def read_pools(task: Task, source: DataSource) -> dict[Pool, list[Row]]:
 
 
 def read_rows(task: Task, path: Path) -> list[tuple[str, Row]]:
-    """Raw rows of one split file as (location, row) pairs; malformed files raise ``DataError``."""
+    """Raw rows of one split file as (location, row) pairs; a malformed file (bad JSON or CSV, text that is not
+    UTF-8, a parquet file that does not parse) raises ``DataError`` naming the file and the spot."""
+    try:
+        return _read_rows(task, path)
+    except UnicodeDecodeError as error:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+            offset = error.start  # decoded fine as a whole: the error came from a part of it
+        except UnicodeDecodeError as whole:
+            offset = whole.start
+        line = raw.count(b"\n", 0, offset) + 1
+        byte = f"byte 0x{raw[offset]:02x} " if offset < len(raw) else ""
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text ({byte}at offset {offset}); save it as UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise DataError(f"{path}: malformed CSV: {error}") from None
+
+
+def _read_rows(task: Task, path: Path) -> list[tuple[str, Row]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return list(_read_jsonl(path))
@@ -221,7 +241,12 @@ def read_rows(task: Task, path: Path) -> list[tuple[str, Row]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        return [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow's ArrowInvalid, OSError, ...: not a readable parquet file
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise DataError(f"{path}: not a readable parquet file ({reason[:200]})") from None
+        return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
     raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(FILE_SUFFIXES)})")
 
 

@@ -173,7 +173,11 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     whose order in epoch ``e`` is a pure function of ``(seed, e)``.
 
     HF's own sampler draws from the global RNG when iterated, so a run resumed mid-epoch would draw a different
-    order than the one it was interrupted in; this one replays it exactly (the Trainer calls ``set_epoch``).
+    order than the one it was interrupted in; this one replays it exactly (``TaskTrainer`` sets the epoch).
+
+    ``batch_size`` is the size of the groups: under data parallelism the *global* batch (per-device batch ×
+    gradient accumulation × processes). The index stream is then the same for any split of that global batch, and
+    each optimizer step takes the next global batch of it, which the data loader shards over the processes.
     """
 
     def __init__(self, batch_size: int, lengths: Sequence[int], seed: int) -> None:
@@ -193,9 +197,15 @@ class TaskTrainer(Trainer):
     """A ``Trainer`` training with ``compute_loss`` (a per-batch mean, so scaled for gradient accumulation by the
     Trainer), whose ``train_sampling_strategy="group_by_length"`` groups by each item's real token length
     (any dataset with ``lengths``: ``TrainingDataset``, ``chainlora.tasks.shared_prompt.SharedPromptDataset``), in an order
-    that depends only on ``data_seed`` and the epoch."""
+    that depends only on ``data_seed`` and the epoch.
+
+    Length groups are global batches (per-device batch × gradient accumulation × processes), so N processes with
+    batch b train on exactly the batches of one process with batch N·b. The sampler's epoch is set by the Trainer
+    before every epoch, on the sampler itself: under DDP a run resumed mid-epoch wraps it three deep (accelerate's
+    skip and shard samplers), where the Trainer's own ``set_epoch`` does not reach it."""
 
     loss_is_scaled_for_ga = False
+    _length_sampler: EpochSeededLengthGroupedSampler | None = None
 
     def compute_loss(
         self,
@@ -210,7 +220,16 @@ class TaskTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthGroupedSampler(batch, dataset.lengths, seed)
+            args = self.args
+            batch = args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            self._length_sampler = EpochSeededLengthGroupedSampler(batch, dataset.lengths, seed)
+            return self._length_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if self._length_sampler is not None and "epoch" in kwargs:
+            self._length_sampler.set_epoch(
+                kwargs["epoch"]
+            )  # the sampler itself, however deeply it is wrapped
+        return super()._run_epoch(*args, **kwargs)

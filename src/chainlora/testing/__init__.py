@@ -11,6 +11,7 @@ from chainlora.testing.tiny import (
     tiny_causal_lm,
     tiny_chain_trainer,
     tiny_model_dir,
+    tiny_task_data,
     tiny_tokenizer,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "tiny_causal_lm",
     "tiny_chain_trainer",
     "tiny_model_dir",
+    "tiny_task_data",
     "tiny_tokenizer",
 ]

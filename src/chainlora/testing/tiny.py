@@ -114,6 +114,35 @@ def tiny_model_dir(
     return path
 
 
+def tiny_task_data(
+    path: str | Path, task: str = "cb", *, train: int = 40, validation: int = 16, seed: int = 0
+) -> Path:
+    """Write a small, seeded, made-up copy of a task's data (``train.jsonl`` and ``validation.jsonl`` in the HF
+    layout, for ``--data``): CB rows (premise, hypothesis, label 0-2) of words from TINY_CORPUS, of varied length
+    (so length grouping has something to group). Tests that need data without ``../shared`` use it."""
+    import json
+    import random
+
+    if task != "cb":
+        raise ValueError(f"tiny_task_data writes CB rows only, not {task!r}")
+    rng = random.Random(seed)
+    words = " ".join(TINY_CORPUS).split()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("validation", validation)):
+        rows = [
+            {
+                "premise": " ".join(rng.choices(words, k=rng.randint(3, 24))) + ".",
+                "hypothesis": " ".join(rng.choices(words, k=rng.randint(2, 8))),
+                "idx": i,
+                "label": rng.randrange(3),
+            }
+            for i in range(count)
+        ]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def lora_on_qv(model: PreTrainedModel, r: int = 8, **kwargs) -> PeftModel:
     """PEFT LoRA on q,v as the paper: r, α = 16; OPT with a LoRA bias (as the paper), Llama without."""
     is_opt = model.config.model_type == "opt"
