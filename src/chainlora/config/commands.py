@@ -53,8 +53,7 @@ class EvalConfig:
     """Also write the result as JSON to this file."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, str | dict):
-            self.data = DataSpec(**DataSpec.coerce(self.data))
+        self.data = DataSpec.build(self.data)
         if not isinstance(self.model, str) or not self.model.strip():
             raise fail("model", f"must be a non-empty string, got {self.model!r}")
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):

@@ -9,6 +9,7 @@ row by row before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -102,6 +103,23 @@ class DataSpec:
     def is_custom(self) -> bool:
         """Whether anything beyond ``path`` was set (only your own data has a format to describe)."""
         return self != DataSpec(path=self.path)
+
+    @classmethod
+    def build(cls, value: Any) -> DataSpec:
+        """A ``data`` field as given (None, a path string, a mapping, or a DataSpec) as a DataSpec; anything else,
+        or an unknown key, is one ``ConfigError`` line."""
+        if isinstance(value, DataSpec):
+            return value
+        if value is None:
+            return cls()
+        value = cls.coerce(value)
+        if not isinstance(value, dict):
+            raise fail("data", f"must be a path or a mapping of data fields, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            raise fail("data", f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**value)
 
     @classmethod
     def coerce(cls, value: Any) -> Any:
