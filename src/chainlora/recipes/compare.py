@@ -139,11 +139,13 @@ def collect(root: Path, runs: Sequence[RunSpec]) -> dict[str, MethodRuns]:
         if not path.is_file():
             continue
         metrics = json.loads(path.read_text())
-        numbers = {f"test_{k}": float(v) for k, v in (metrics.get("test_metrics") or {}).items()}
+        numbers = {
+            f"test_{k}": float(v) for k, v in (metrics.get("test_metrics") or {}).items() if k != "score"
+        }  # "score" is the metric's alias
         if metrics.get("metric") and metrics.get("test_score") is not None:
             numbers.setdefault(f"test_{metrics['metric']}", float(metrics["test_score"]))
         zero_shot = metrics.get("zero_shot_test_metrics") or {}
-        numbers |= {f"zero_shot_{k}": float(v) for k, v in zero_shot.items()}
+        numbers |= {f"zero_shot_{k}": float(v) for k, v in zero_shot.items() if k != "score"}
         method.by_seed[spec.seed] = {k: v for k, v in numbers.items() if math.isfinite(v)}
     return out
 
@@ -203,6 +205,18 @@ def compare_markdown(
                 f"{mean:.{_digits(scale)}f}" + (f" ± {sd:.{_digits(scale)}f}" if sd is not None else "")
             )
         lines.append(f"| {runs.label} | {len(runs.by_seed)} | " + " | ".join(cells) + " |")
+    zero_shot = [
+        [r[name] for r in runs.by_seed.values() if name in r]
+        for runs in by_method.values()
+        for name in [m.replace("test_", "zero_shot_", 1) for m in metrics]
+    ][: len(metrics)]  # the base model's scores: the same for every method of a seed
+    if any(zero_shot):
+        cells = []
+        for name, values in zip(metrics, zero_shot, strict=True):
+            scale = 100.0 if name.removeprefix("test_") in PERCENT_METRICS else 1.0
+            cells.append(f"{statistics.fmean(values) * scale:.{_digits(scale)}f}" if values else "–")
+        seeds = len(next(iter(by_method.values())).by_seed)
+        lines.append(f"| 0-shot (the base model) | {seeds} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Paired differences (method − baseline, same seeds; 95% CI by Student's t; paired t-test):",
