@@ -10,6 +10,7 @@ are made non-zero first; ``test_checks_can_fail`` shows the tolerances catch a b
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import warnings
@@ -506,3 +507,173 @@ def test_refused_knot_leaves_the_model_unchanged(model_dirs):
     assert all(residual(lay).rank == 0 for _, lay, _ in lora_layers(model))
     assert max_diff(before, logits(model, ids)) == 0.0
     assert tie_knot(model, generator=gen(1), max_relative_delta=10.0).link == 1
+
+
+# ------------------------------------------------------------------------------- chainlora train --quantize
+
+TRAIN = ["--task", "rte", "--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--batch_size", "4"]
+TRAIN += ["--epochs", "2", "--precision", "fp32", "--lr", "1e-2", "--zero_shot", "false"]
+COLA = ["--method", "cola", "--chain.length", "2", "--chain.ranks", "[8, 4]", "--save_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama folder with its tokenizer, and synthetic RTE rows (no ../shared needed: CI has none)."""
+    from chainlora.testing import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("qlora_run")
+    data = root / "rte"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = [
+        "the",
+        "man",
+        "dog",
+        "cat",
+        "sleeps",
+        "runs",
+        "is",
+        "awake",
+        "happy",
+        "sad",
+        "a",
+        "house",
+        "red",
+        "big",
+        "small",
+        "old",
+    ]
+
+    def row(i: int) -> str:
+        pick = torch.randint(len(words), (12,), generator=g).tolist()
+        premise, hypothesis = " ".join(words[j] for j in pick[:8]), " ".join(words[j] for j in pick[8:])
+        return json.dumps(
+            {"premise": premise + ".", "hypothesis": hypothesis + ".", "idx": i, "label": i % 2}
+        )
+
+    (data / "train.jsonl").write_text("".join(row(i) + "\n" for i in range(40)))
+    (data / "validation.jsonl").write_text("".join(row(i) + "\n" for i in range(16)))
+    return tiny_model_dir(root / "tiny", "llama"), data
+
+
+def train_cli(model_dir: Path, data: Path, out: Path, *args: str) -> int:
+    from chainlora.cli import main
+
+    return main(
+        ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), *TRAIN, *args]
+    )
+
+
+def score_adapter(model_dir: Path, data: Path, adapter: Path, scheme: str) -> float:
+    """The run's test draw scored by plain PEFT: the adapter on a freshly quantized base (fp32 compute)."""
+    from transformers import AutoTokenizer
+
+    from chainlora import tasks
+
+    base = load_quantized(model_dir, scheme)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    task = tasks.get_task("rte")
+    test = tasks.load_task_data(task, data=data).sample(0, num_train=0, num_dev=0, num_eval=8).test
+    return tasks.evaluate(model, AutoTokenizer.from_pretrained(model_dir), task, test, batch_size=4)["score"]
+
+
+def test_train_quantize_nf4_cola_resumes_exactly_and_exports_for_the_quantized_base(run_inputs, tmp_path):
+    """``chainlora train --quantize nf4 --method cola``: a knot into the residual (recorded), the best dev state
+    restored, killed after step 7 and resumed from checkpoint-6 (after the knot) = the uninterrupted run; the
+    adapter on a freshly quantized base scores what the run reported."""
+    from transformers import TrainerCallback
+
+    from chainlora.config import TrainConfig, parse_config
+    from chainlora.recipes.train import train
+
+    model_dir, data = run_inputs
+    whole = tmp_path / "whole"
+    assert train_cli(model_dir, data, whole, *COLA, "--quantize", "nf4") == 0
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert [(k["step"], k["link"], k["quantized_merge"], k["residual_rank"]) for k in metrics["knots"]] == [
+        (4, 1, "residual", 8)
+    ]
+    assert "requantize_errors" not in metrics["knots"][0] and "compression_errors" not in metrics["knots"][0]
+    q = metrics["quantized"]
+    assert (q["scheme"], q["bitsandbytes"], q["quantized_merge"], q["final"]) == (
+        "nf4",
+        "0.50.2",
+        "residual",
+        None,
+    )
+    assert q["residual_MiB"] == round(4 * 8 * (32 + 32) * 4 / 2**20, 4)  # 4 layers, rank 8, fp32 U and V
+    assert metrics["ranks"] == [8, 4] and metrics["adapter"]["rank"] == 8 + 4
+    assert not (whole / "final").exists()  # QLoRA: adapter/ is the result unless final/ is asked for
+    assert score_adapter(model_dir, data, whole / "adapter", "nf4") == metrics["test_score"]
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    args = ["--model", str(model_dir), "--data", str(data), "--output_dir", str(cut), *TRAIN, *COLA]
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(TrainConfig, [*args, "--quantize", "nf4"], prog="test"), callbacks=[Stop()])
+    assert not (cut / "metrics.json").exists() and (cut / "checkpoints" / "checkpoint-6").is_dir()
+    from chainlora.cli import main
+
+    assert main(["train", "--resume", str(cut)]) == 0
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-6")
+    for key in ("knots", "dev_history", "selected_step", "test_score", "train_loss", "quantized"):
+        assert resumed[key] == metrics[key], key
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_quantize_requantize_with_a_merged_final(run_inputs, tmp_path):
+    """``--chain.quantized_merge requantize`` records each knot's error; ``--save_final true`` writes the chain
+    merged into the dequantized base in bf16, the cast's error recorded, and tests that model."""
+    from transformers import AutoTokenizer
+
+    from chainlora import tasks
+
+    model_dir, data = run_inputs
+    out = tmp_path / "run"
+    args = [*COLA, "--quantize", "fp4", "--chain.quantized_merge", "requantize", "--save_final", "true"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_cli(model_dir, data, out, *args, "--selection", "last") == 0
+    assert any("re-quantization errors" in str(w.message) for w in caught)  # the adapter is not exact
+    metrics = json.loads((out / "metrics.json").read_text())
+    (knot,) = metrics["knots"]
+    assert knot["quantized_merge"] == "requantize" and knot["residual_rank"] == 0
+    assert len(knot["requantize_errors"]) == 4 and all(e > 0 for e in knot["requantize_errors"].values())
+    final = metrics["quantized"]["final"]
+    assert final["dtype"] == "bfloat16" and final["layers"] == 4 and 0 < final["max_relative_error"] < 1e-2
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not hasattr(model.config, "quantization_config") and model.dtype == torch.bfloat16
+    task = tasks.get_task("rte")
+    test = tasks.load_task_data(task, data=data).sample(0, num_train=0, num_dev=0, num_eval=8).test
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert tasks.evaluate(model, tokenizer, task, test, batch_size=4)["score"] == metrics["test_score"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--quantize", "int4"], "quantize"),
+        (["--quantize", "nf4", "--method", "full"], "quantize: method full"),
+        (["--quantize", "nf4", "--lora.target_modules", "[q_proj, lm_head]"], "lm_head is not quantized"),
+        (["--quantize", "nf4", "{no bitsandbytes}"], "pip install 'chainlora[quantized]'"),
+        (["--chain.max_residual_rank", "8"], "chain.max_residual_rank: applies to a quantized base only"),
+        (["--quantize", "int8", "--chain.quantized_merge", "lossy"], "chain.quantized_merge"),
+    ],
+)
+def test_train_quantize_bad_input_is_one_line_before_anything_is_written(
+    args, expected, run_inputs, tmp_path, capsys, monkeypatch
+):
+    if "{no bitsandbytes}" in args:
+        args = [a for a in args if a != "{no bitsandbytes}"]
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes → ImportError
+    out = tmp_path / "run"
+    assert train_cli(*run_inputs, out, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then exactly one error line
+    assert [line for line in err if line.startswith("error: ")] == err[-1:] and expected in err[-1], err
+    assert not out.exists()
