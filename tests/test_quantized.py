@@ -412,6 +412,55 @@ def test_resume_mid_chain_equals_uninterrupted(model_dirs, tmp_path, scheme, mer
     assert max_diff(logits(whole, ids), logits(fresh, ids)) > 1000 * TOL
 
 
+def auto_trainer(path: Path, output_dir: Path):
+    """An HF Trainer with adaptive knots (ranks halved: 8, 4, 2) over a tiny nf4 QLoRA model."""
+    from transformers import Trainer, TrainingArguments
+
+    from chainlora import ChainOfLoRACallback
+    from chainlora.schedules import AutoChainSchedule
+    from chainlora.testing.tiny import TokenDataset
+
+    schedule = AutoChainSchedule(
+        12, max_links=3, min_link_steps=2, patience=2, threshold=0.002, ema=0.5, ranks="halve", rank=8
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="linear", save_strategy="steps", save_steps=4, logging_steps=1, report_to=[], seed=7,
+        data_seed=7, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    model = qlora(path, "nf4", r=8)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TokenDataset(VOCAB), callbacks=[ChainOfLoRACallback(schedule)]
+    )
+    return trainer, schedule
+
+
+def test_auto_knots_step_down_and_resume_through_the_trainer(model_dirs, tmp_path):
+    """Adaptive knots with halving ranks on a quantized base: each knot folds its link into the residual (its rank
+    the sum of the tied ranks), the log says why and how large the residual is, and a resume from a checkpoint
+    before the auto knots makes the same decisions and ends with the same residuals and outputs."""
+    trainer, schedule = auto_trainer(model_dirs["llama"], tmp_path / "run")
+    trainer.train()
+    assert len(schedule.knots) >= 2 and schedule.knots[0] > 4  # loss-driven knots after checkpoint-4
+    logged = [e for e in trainer.state.log_history if "knot" in e]
+    ranks = (8, 4, 2)
+    assert [e["residual_rank"] for e in logged] == [sum(ranks[:i]) for i in range(1, len(logged) + 1)]
+    assert [e["reason"] for e in logged] == [d.reason for d in schedule.decisions]
+    layers = list(lora_layers(trainer.model))
+    assert {layer.r[a] for _, layer, a in layers} == {ranks[len(logged)]}
+    ids = batch(seed=99)
+    trainer.model.train()
+    expected = logits(trainer.model, ids)
+
+    resumed, resumed_schedule = auto_trainer(model_dirs["llama"], tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert resumed_schedule.decisions == schedule.decisions
+    for (_, layer, _), (_, other, _) in zip(layers, lora_layers(resumed.model), strict=True):
+        torch.testing.assert_close(residual(other).residual_U, residual(layer).residual_U, atol=0, rtol=0)
+    resumed.model.train()
+    assert max_diff(expected, logits(resumed.model, ids)) == 0.0
+
+
 def test_a_state_saved_before_the_first_requantize_knot_restores_the_original_weight(model_dirs, tmp_path):
     """The best dev state may predate the first requantize knot: restoring it puts the original weight back."""
     model = qlora(model_dirs["llama"], "nf4")
