@@ -653,6 +653,8 @@ def test_train_quantize_nf4_cola_resumes_exactly_and_exports_for_the_quantized_b
     assert q["residual_MiB"] == round(4 * 8 * (32 + 32) * 4 / 2**20, 4)  # 4 layers, rank 8, fp32 U and V
     assert metrics["ranks"] == [8, 4] and metrics["adapter"]["rank"] == 8 + 4
     assert not (whole / "final").exists()  # QLoRA: adapter/ is the result unless final/ is asked for
+    readme = (whole / "adapter" / "README.md").read_text()
+    assert 'quantized.bnb_config("nf4"' in readme  # how to load its base
     assert score_adapter(model_dir, data, whole / "adapter", "nf4") == metrics["test_score"]
 
     class Stop(TrainerCallback):

@@ -309,6 +309,8 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     if config.save_adapter and config.method != "full" and run.args.should_save:
         # the whole chain as one PEFT LoRA (rank Σ r_i) on the original base: before the final merge
         base, readme = adapter_reference(config.model)
+        if config.quantize != "none":
+            readme += _quantized_readme(config)
         adapter = export_adapter(
             model,
             run.run_dir / rundir.ADAPTER_DIR,
@@ -344,6 +346,19 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     if run.args.should_save:
         rundir.remove_training_state(run.run_dir, keep_checkpoints=config.keep_checkpoints)
     return metrics
+
+
+def _quantized_readme(config: TrainConfig) -> str:
+    """adapter/README.md, for a run on a quantized base: how to load that base, and what the adapter gives."""
+    return (
+        f"\nThe chain was trained on this base quantized by bitsandbytes ({config.quantize}). On the base "
+        "quantized the same way it computes the trained model (every tied link is in the adapter, exactly):\n\n"
+        f'```python\nfrom chainlora import quantized\n\nbnb = quantized.bnb_config("{config.quantize}", '
+        "torch.bfloat16)  # the compute dtype of your choice\n"
+        f'base, tokenizer = models.load("{config.model}", quantization_config=bnb, device="cuda")\n'
+        'model = PeftModel.from_pretrained(base, "adapter")\n```\n\n'
+        "On the unquantized base (as above) it differs from the trained model by the quantization error only.\n"
+    )
 
 
 def _finish_quantized(
