@@ -92,6 +92,32 @@ def test_eval_scoring_quick_scores_identical(tmp_path, shared_data):
         assert result["weight_macs_ratio"] > 1  # the fast path does less work
 
 
+def test_quantized_quick(tmp_path):
+    """QLoRA vs COLA on the same nf4 base (tiny model; the memory probes are subprocesses: skipped here)."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "quantized.json"
+    bench_module("quantized").main(["--quick", "--device", "cpu", "--out", str(out), "--memory", "none"])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "quantized_nf4" and saved["scheme"] == "nf4"
+    qlora, cola = saved["variants"]["qlora"], saved["variants"]["cola"]
+    assert len(cola["knot_seconds"]) == saved["knots"] == 3 and qlora["knot_seconds"] == []
+    # 4 LoRA layers (tiny shape: 2 × q, v, 64 × 64), residual rank 3·8, fp32 factors (out + in = 128)
+    assert cola["residual_mib"] == pytest.approx(4 * 3 * 8 * 128 * 4 / 2**20) and qlora["residual_mib"] == 0
+    assert saved["cola_over_qlora_throughput"] > 0
+
+
+def test_quantized_drift_quick(tmp_path, shared_data):
+    """The same links re-quantized one knot after another vs folded into the exact residual (tiny model, sst2)."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "drift.json"
+    bench_module("quantized_drift").main(["--quick", "--out", str(out), "--data-dir", str(shared_data)])
+    saved = json.loads(out.read_text())
+    errors = saved["requantize_error_over_update"]
+    assert len(errors["per_knot_median"]) == saved["knots"] == 3 and 0 < errors["median"] <= errors["max"]
+    assert saved["logit_drift_over_chain_change"] > 0 and saved["logit_chain_change_max_abs"] > 0
+    assert set(saved["test_score"]) == {"base", "exact_residual", "requantize"}
+
+
 @pytest.mark.parametrize("shape, billions", [("opt-1.3b", 1.316), ("llama-2-7b", 6.738)])
 def test_paper_shapes_have_the_papers_parameter_counts(shape, billions):
     """The CUDA benchmarks' random-init models (built here on the meta device: no memory, no time)."""

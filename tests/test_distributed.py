@@ -9,6 +9,7 @@ which (equal token counts per row) is the gradient of the mean loss over the G r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -102,6 +103,45 @@ def make_trainer(output_dir: Path, per_device_batch: int, schedule: ChainSchedul
     callback = ChainOfLoRACallback(schedule)
     trainer = SequentialTrainer(model=lora_model(rank), args=args, train_dataset=Rows(), callbacks=[callback])
     return trainer, callback
+
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def save_tiny_base(folder: Path) -> Path:
+    """The tiny Llama of ``lora_model`` saved, so that it can be loaded quantized (bitsandbytes quantizes on load)."""
+    torch.manual_seed(0)
+    tiny_causal_lm("llama", vocab_size=VOCAB).save_pretrained(folder)
+    return folder
+
+
+def qlora_model(folder: Path, scheme: str, rank: int = 4) -> nn.Module:
+    """The tiny Llama quantized by bitsandbytes (fp32 compute) + LoRA(q, v), the residuals attached."""
+    from transformers import AutoModelForCausalLM
+
+    from chainlora import quantized
+
+    config = quantized.bnb_config(scheme, torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(base, lora)
+    model.train()
+    quantized.attach_residuals(model)
+    return model
+
+
+def qlora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized layer's residual, A and B (whole, fp32, CPU)."""
+    from chainlora.quantized import residual_of
+
+    weights = {}
+    for name, layer, adapter in lora_layers(model):
+        residual = residual_of(layer)
+        weights[f"{name}.U"], weights[f"{name}.V"] = residual.residual_U.float(), residual.residual_V.float()
+        weights[f"{name}.A"] = cpu_fp32_copy(layer.lora_A[adapter].weight)
+        weights[f"{name}.B"] = cpu_fp32_copy(layer.lora_B[adapter].weight)
+    return weights
 
 
 # --------------------------------------------------------------------------- the worker (2 processes)
@@ -243,12 +283,54 @@ def _sync(out: Path, process: int) -> None:
     )
 
 
+def _qlora(out: Path, process: int) -> None:
+    """A bitsandbytes base: nf4 under DDP and FSDP2 (knots into the replicated residual); int8 under FSDP2 refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from chainlora.distributed import check_training_setup
+
+    folder = out / "qlora_base"
+    if process == 0:
+        save_tiny_base(folder)
+    torch.distributed.barrier()
+    model = qlora_model(folder, "nf4")
+    train_manual(model, DistributedDataParallel(model), process, world_size())
+    torch.save(qlora_weights(model), out / f"qlora_ddp.{process}.pt")
+
+    def sharded(scheme: str) -> nn.Module:
+        model = qlora_model(folder, scheme)
+        mesh = init_device_mesh("cpu", (world_size(),))
+        for block in model.base_model.model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    model = sharded("nf4")
+    train_manual(model, model, process, world_size())
+    weights = qlora_weights(model)  # gathers: a collective
+    messages = {}
+    try:
+        check_training_setup(sharded("int8"), ChainSchedule(KNOTS, STEPS))
+    except ConfigError as error:
+        messages["fsdp2_int8"] = str(error)
+    try:
+        tie_knot(model, quantized_merge="requantize")
+    except ConfigError as error:
+        messages["fsdp2_requantize"] = str(error)
+    if process == 0:
+        torch.save(weights, out / "qlora_fsdp2.pt")
+        (out / "qlora_refusals.json").write_text(json.dumps(messages))
+
+
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     process = torch.distributed.get_rank()
     try:
-        for scenario in (_ddp_manual, _fsdp2_manual, _fsdp2_merge_math, _trainer_ddp, _refusals, _sync):
+        scenarios = [_ddp_manual, _fsdp2_manual, _fsdp2_merge_math, _trainer_ddp, _refusals, _sync]
+        for scenario in scenarios + ([_qlora] if HAS_BNB else []):
             scenario(out, process)
             torch.distributed.barrier()
     finally:
@@ -336,6 +418,40 @@ def test_rank_change_with_two_processes_fails_before_training(two_processes):
     assert "[4] → 2" in messages["tie_knot"]
     assert messages["unchanged"]
     assert messages["fsdp1"].startswith("FSDP1 (FullyShardedDataParallel, flat parameters) is not supported")
+
+
+needs_bnb = pytest.mark.skipif(
+    not HAS_BNB, reason="bitsandbytes is not installed (the dev extra installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def qlora_one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
+    model = qlora_model(save_tiny_base(tmp_path_factory.mktemp("qlora_base")), "nf4")
+    train_manual(model, model)
+    return qlora_weights(model)
+
+
+@needs_bnb
+def test_qlora_ddp_and_fsdp2_equal_one_process(two_processes, qlora_one_process):
+    """nf4 base: DDP replicas hold bit-identical residuals; DDP and FSDP2 (shards of packed 4-bit data, the
+    residual replicated) both equal the one-process chain."""
+    rank0 = torch.load(two_processes / "qlora_ddp.0.pt")
+    rank1 = torch.load(two_processes / "qlora_ddp.1.pt")
+    assert_weights_close(rank1, rank0, atol=0.0)
+    assert {v.shape[0] for k, v in rank0.items() if k.endswith(".V")} == {
+        4 * len(KNOTS)
+    }  # two knots folded in
+    assert_weights_close(rank0, qlora_one_process)
+    assert_weights_close(torch.load(two_processes / "qlora_fsdp2.pt"), qlora_one_process)
+
+
+@needs_bnb
+def test_qlora_fsdp2_refuses_int8_and_requantize_in_one_line(two_processes):
+    messages = json.loads((two_processes / "qlora_refusals.json").read_text())
+    assert "int8 (bitsandbytes Linear8bitLt) base cannot be sharded by FSDP2" in messages["fsdp2_int8"]
+    assert "quantized_merge 'requantize' is not supported with FSDP2" in messages["fsdp2_requantize"]
+    assert all("\n" not in m for m in messages.values())
 
 
 def test_deepspeed_is_refused():

@@ -19,6 +19,12 @@ computed from the factors (QR of B and Aᵀ, SVD of the small Σr × Σr core; n
 report gives each layer's relative Frobenius error ``‖ΔW - ΔW_R‖ / ‖ΔW‖ = sqrt(Σ_{j>R} σ_j²) / sqrt(Σ_j σ_j²)``.
 The bias is never truncated.
 
+On a bitsandbytes-quantized base (``chainlora.quantized``) a layer's tied links sit in its residual ``U·V``, so
+its chain is ``[residual (scaling 1), current link]`` and the adapter applies to the original *quantized* base
+(on the unquantized base it computes the same chain over W0 instead of ``deq(W_q)``). After ``requantize`` knots
+the links themselves are exported, with a warning: the original base + adapter then differs from the trained
+(re-quantized) model by the re-quantization errors.
+
 ``export_run_adapter(run_dir)`` does the same after the fact from a run folder (its ``adapter/`` or the chain
 state of a checkpoint), for ``chainlora export RUN_DIR --adapter [--rank R]``.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +45,22 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from chainlora import distributed, rundir
+from chainlora import distributed, quantized, rundir
 from chainlora.errors import ChainLoRAError, KnotError
 from chainlora.io import atomic_dir
-from chainlora.links import TiedLink, layer_chain, lora_layers
+from chainlora.links import TiedLink, layer_chain, lora_layers, quantization, truncate
 from chainlora.state import CHAIN_STATE_FILE
+
+__all__ = ["ExportReport", "chain_links", "export_adapter", "export_run_adapter", "stack_links", "truncate"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_README = "README.md"  # where the base model comes from and how to load the adapter onto it
 PREFIX = "base_model.model."  # how PEFT names a LoRA layer in a saved adapter: PREFIX + module path
+REQUANTIZED = (
+    "the adapter holds the links, and the original base + adapter differs from the trained (re-quantized) model "
+    "by the re-quantization errors"
+)
 
 
 @dataclass
@@ -130,15 +143,10 @@ def chain_links(model: nn.Module) -> dict[str, list[TiedLink]]:
     root = _base_model(model)
     paths = {id(module): name for name, module in root.named_modules()}
     chains: dict[str, list[TiedLink]] = {}
+    requantized = []
     for name, layer, adapter in layers:
         chain = layer_chain(layer)
         tied, knots = list(chain.links), chain.knots
-        if len(tied) != knots:
-            raise ChainLoRAError(
-                f"{name}: {knots} knot(s) tied but {len(tied)} link(s) kept (tie_knot(keep_links=False)?); "
-                "the adapter needs every link"
-            )
-        bias = layer.lora_B[adapter].bias
         if any(
             distributed.is_sharded(p) for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
         ):
@@ -146,6 +154,16 @@ def chain_links(model: nn.Module) -> dict[str, list[TiedLink]]:
                 f"{name}: the link is sharded over processes (FSDP2); export from the chain state of a "
                 "checkpoint instead: export_run_adapter(checkpoint_dir)"
             )
+        if quantization(layer) is not None:  # [residual, (re-quantized links), current]
+            chains[paths.get(id(layer), _strip_prefix(name))] = quantized.chain_terms(layer, adapter)
+            requantized += [name] if chain.requantized else []
+            continue
+        if len(tied) != knots:
+            raise ChainLoRAError(
+                f"{name}: {knots} knot(s) tied but {len(tied)} link(s) kept (tie_knot(keep_links=False)?); "
+                "the adapter needs every link"
+            )
+        bias = layer.lora_B[adapter].bias
         current = TiedLink(
             lora_A=layer.lora_A[adapter].weight.detach().float().cpu(),
             lora_B=layer.lora_B[adapter].weight.detach().float().cpu(),
@@ -153,6 +171,11 @@ def chain_links(model: nn.Module) -> dict[str, list[TiedLink]]:
             lora_B_bias=bias.detach().float().cpu() if bias is not None else None,
         )
         chains[paths.get(id(layer), _strip_prefix(name))] = [*tied, current]
+    if requantized:
+        warnings.warn(
+            f"{len(requantized)} layer(s) were tied with quantized_merge='requantize': {REQUANTIZED}",
+            stacklevel=2,
+        )
     return chains
 
 
@@ -196,29 +219,6 @@ def stack_links(links: Iterable[TiedLink]) -> tuple[torch.Tensor, torch.Tensor, 
     biases = [link.lora_B_bias.float() * link.scaling for link in links if link.lora_B_bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None
     return lora_A, lora_B, bias
-
-
-@torch.no_grad()
-def truncate(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-``rank`` factors of ``ΔW = B @ A`` and the relative Frobenius error of dropping the rest.
-
-    Works on the factors only (float64): ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``, SVD of the small core
-    ``R_B R_Aᵀ = U Σ Vᵀ``, so ``ΔW = (Q_B U) Σ (Q_A V)ᵀ``; the kept singular values are split evenly
-    (``√σ``) between the new B and A. Returns ``(A_R, B_R, error)`` with
-    ``error = sqrt(Σ_{j>R} σ_j²) / sqrt(Σ_j σ_j²)`` (0 for a zero ΔW).
-    """
-    q_b, r_b = torch.linalg.qr(lora_B.double())  # (out, k), (k, r)
-    q_a, r_a = torch.linalg.qr(lora_A.double().T)  # (in, k'), (k', r)
-    u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)  # core (k, k')
-    kept = min(rank, sigma.numel())
-    total = float(sigma.square().sum())
-    error = math.sqrt(float(sigma[kept:].square().sum()) / total) if total > 0 else 0.0
-    root = sigma[:kept].sqrt()
-    new_B = (q_b @ u[:, :kept]) * root  # (out, R)
-    new_A = root[:, None] * (vh[:kept] @ q_a.T)  # (R, in)
-    return new_A.float().contiguous(), new_B.float().contiguous(), error
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -419,6 +419,15 @@ def read_chain_state(folder: str | Path) -> tuple[dict[str, list[TiedLink]], _Me
         layer = key[: -len("/knots")]
         name = _strip_prefix(layer)
         knots = int(tensors[key])
+        residual: list[TiedLink] = []
+        if f"{layer}/residual_U" in tensors:  # a quantized base: the residual, then re-quantized links if any
+            U, V, c = (tensors.get(f"{layer}/residual_{k}") for k in ("U", "V", "bias"))
+            if U.shape[1] or c is not None:
+                residual.append(TiedLink(V.float(), U.float(), 1.0, c.float() if c is not None else None))
+            if f"{layer}/quant/weight" not in tensors:
+                knots = 0  # every tied link is in the residual
+            else:
+                warnings.warn(f"{name}: tied with quantized_merge='requantize': {REQUANTIZED}", stacklevel=2)
         tied = [
             TiedLink(
                 tensors[f"{layer}/link{i}/lora_A"].float(),
@@ -431,6 +440,7 @@ def read_chain_state(folder: str | Path) -> tuple[dict[str, list[TiedLink]], _Me
         ]
         if len(tied) != knots:
             raise ChainLoRAError(f"{folder}: {name} tied {knots} knot(s) but kept {len(tied)} link(s)")
+        tied = residual + tied
         lora_A = tensors[f"{layer}/lora_A"].float()
         r = lora_A.shape[0]
         alpha_key = get_pattern_key(config.get("alpha_pattern", {}).keys(), name)

@@ -10,6 +10,10 @@ The schedule is driven through the :class:`~chainlora.schedules.KnotSchedule` pr
 training loss goes to ``observe`` and every dev metric to ``observe_dev`` (no-ops for a fixed schedule); an
 adaptive schedule (``AutoChainSchedule``) needs ``logging_steps=1``, and its state is saved beside the chain state
 (``chainlora_schedule.json``) and restored with it.
+
+On a bitsandbytes-quantized base (QLoRA) the callback attaches each quantized layer's residual when the Trainer
+is built (before DDP wraps the model), ties the knots with ``quantized_merge`` / ``max_residual_rank``, logs each
+knot's residual rank and errors, and the chain state it saves and restores holds the residuals.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from chainlora import distributed
+from chainlora import distributed, quantized
 from chainlora.chain import Init, KnotError, KnotRecord, tie_knot
 from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
@@ -48,8 +52,8 @@ class ChainOfLoRACallback(TrainerCallback):
     """Ties a COLA knot (:func:`chainlora.tie_knot`) after each scheduled optimizer step.
 
     ``seed`` (default: the Trainer's ``args.seed``) seeds each new link's A; ``precise`` and
-    ``max_relative_delta`` are passed to ``tie_knot``. ``knots`` lists the knots tied so far (restored on
-    resume). Several processes (DDP, FSDP2): every process ties the same knot; a rank change, FSDP1 or DeepSpeed
+    ``max_relative_delta`` are passed to ``tie_knot``, and so are ``quantized_merge`` and ``max_residual_rank``
+    (QLoRA: LoRA layers over a bitsandbytes base). ``knots`` lists the knots tied so far (restored on resume). Several processes (DDP, FSDP2): every process ties the same knot; a rank change, FSDP1 or DeepSpeed
     is refused in ``on_train_begin`` (see ``chainlora.distributed``).
     """
 
@@ -61,8 +65,13 @@ class ChainOfLoRACallback(TrainerCallback):
         seed: int | None = None,
         precise: bool | None = None,
         max_relative_delta: float | None = None,
+        quantized_merge: str = "residual",
+        max_residual_rank: int | None = None,
     ) -> None:
+        quantized.check_merge_options(quantized_merge, max_residual_rank)
         self.schedule = schedule
+        self.quantized_merge = quantized_merge
+        self.max_residual_rank = max_residual_rank
         self.init = init
         self.seed = seed
         self.precise = precise
@@ -75,6 +84,8 @@ class ChainOfLoRACallback(TrainerCallback):
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw
     ):
+        if model is not None:
+            quantized.attach_residuals(model)  # QLoRA: the residuals exist before DDP wraps the model
         if model is None or not hasattr(model, "load_adapter") or getattr(model, "_chainlora_hooked", False):
             return
         original_load_adapter = model.load_adapter
@@ -127,7 +138,8 @@ class ChainOfLoRACallback(TrainerCallback):
                     f"resuming at step {state.global_step} after a knot (or with an adaptive schedule), but "
                     f"{checkpoint} has no chain state"
                 )
-        distributed.check_training_setup(model, self.schedule, args)  # fail now, not at the first knot
+        # fail now, not at the first knot
+        distributed.check_training_setup(model, self.schedule, args, quantized_merge=self.quantized_merge)
 
     # -- the knot ---------------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kw):
@@ -159,6 +171,8 @@ class ChainOfLoRACallback(TrainerCallback):
                 generator=knot_generator(seed, link + 1),
                 precise=self.precise,
                 max_relative_delta=self.max_relative_delta,
+                quantized_merge=self.quantized_merge,
+                max_residual_rank=self.max_residual_rank,
             )
         except KnotError as err:  # the model is untouched; halt before this step is saved anywhere
             raise KnotError(f"knot {link} at step {state.global_step}: {err}; training halted") from None
@@ -174,6 +188,17 @@ class ChainOfLoRACallback(TrainerCallback):
         }
         if self.schedule.decisions:  # an adaptive schedule says why it tied this knot
             entry["reason"] = self.schedule.decisions[-1].reason
+        if record.residual_rank is not None:  # QLoRA: the residual and what the knot lost, if anything
+            entry["residual_rank"] = record.residual_rank
+            errors = record.requantize_errors or record.compression_errors
+            if errors:
+                entry["max_knot_error"] = max(errors.values())
+            logger.info(
+                "chainlora: %s knot on the quantized layers: residual rank %d%s",
+                record.quantized_merge,
+                record.residual_rank,
+                f", max relative error {max(errors.values()):.3g}" if errors else " (exact)",
+            )
         state.log_history.append(entry)
         logger.info(
             "chainlora: knot %d at step %d (merged ‖ΔW‖=%.4g over %d layers), next link rank %d",

@@ -13,12 +13,16 @@ just before it; only the split between "base" and "link" has moved. After k knot
 cannot (the paper's Frank-Wolfe view). ``merge_chain`` folds the last link in and removes the LoRA modules,
 leaving a plain model with zero inference overhead.
 
-The chain's per-layer state (fp32 masters, tied links, knot counts) is kept by ``chainlora.links``; where the
-knots go is a schedule (``chainlora.schedules``); the HF ``Trainer`` hook is ``chainlora.callback``.
+On a bitsandbytes-quantized base (QLoRA) "tie the knot" never rounds the link into the 4-bit/8-bit weight: it
+appends ``s·B·A`` to a frozen low-rank residual beside it, exactly (``chainlora.quantized``; ``tie_knot``
+dispatches per layer). The chain's per-layer state (fp32 masters, tied links, knot counts, residuals) is kept by
+``chainlora.links``; where the knots go is a schedule (``chainlora.schedules``); the HF ``Trainer`` hook is
+``chainlora.callback``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,9 +32,9 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from chainlora import distributed
+from chainlora import distributed, quantized
 from chainlora.errors import ConfigError, KnotError
-from chainlora.links import TiedLink, layer_chain, lora_layers
+from chainlora.links import TiedLink, layer_chain, lora_layers, quantization
 
 __all__ = [
     "Init",
@@ -60,6 +64,11 @@ class KnotRecord:
     delta_norm: float  # Frobenius norm of all merged updates together (weights and biases)
     layers: int  # number of LoRA layers merged
     step: int | None = None  # optimizer step at which it was tied (set by the training loop)
+    # LoRA layers over a bitsandbytes base (chainlora.quantized); None when the model has none
+    quantized_merge: str | None = None  # "residual" (exact) or "requantize" (lossy)
+    residual_rank: int | None = None  # largest residual rank after the knot
+    compression_errors: dict[str, float] | None = None  # max_residual_rank: ‖dropped‖/‖residual‖ per layer
+    requantize_errors: dict[str, float] | None = None  # requantize: ‖deq(Q(W+Δ)) − (W+Δ)‖/‖Δ‖ per layer
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -97,7 +106,10 @@ def master_copy(weight: torch.Tensor) -> torch.Tensor:
 def link_delta_norm_sq(layer: LoraLinear, adapter: str) -> float:
     """``‖s·B·A‖² + ‖s·b‖²`` without forming ``B·A``: ``‖B·A‖_F² = Σ (BᵀB) ∘ (A·Aᵀ)``, two r×r Gram matrices in
     fp64 (O(r²·(in + out)) instead of O(r·in·out)). Non-finite A or B give a non-finite result. FSDP2 shards:
-    the norm of the local block of ``link_delta``, reduced over processes."""
+    the norm of the local block of ``link_delta``, reduced over processes (a quantized base: of the gathered
+    factors)."""
+    if quantization(layer) is not None:
+        return quantized.link_norm_sq(layer, adapter)
     if distributed.is_sharded(layer.get_base_layer().weight):
         delta, bias_delta = link_delta(layer, adapter)
         return distributed.item(delta.square().sum()) + (
@@ -215,6 +227,8 @@ def tie_knot(
     precise: bool | None = None,
     keep_links: bool = True,
     max_relative_delta: float | None = None,
+    quantized_merge: str = "residual",
+    max_residual_rank: int | None = None,
 ) -> KnotRecord:
     """Tie one COLA knot on every active LoRA link of ``model`` and extend the chain.
 
@@ -232,15 +246,26 @@ def tie_knot(
     see :func:`master_copy`).
     ``keep_links`` stores each tied link (CPU, fp32) so ``chainlora.export_adapter`` can ship the whole chain.
     Never uses PEFT's ``merge_adapter()``, which would switch the LoRA branch off for the next link.
+
+    A LoRA layer over a bitsandbytes 4-bit/8-bit base (QLoRA) is tied by ``chainlora.quantized.tie_layer``
+    instead of step 1's merge: ``quantized_merge="residual"`` (default) appends the link to the layer's frozen
+    low-rank residual, exactly (the quantized weight is untouched; ``max_residual_rank`` caps the residual by
+    SVD, the error reported); ``"requantize"`` re-quantizes ``deq(W_q) + s·B·A`` into the layer (lossy, the
+    error reported). The record then carries the residual rank and the errors.
     """
     if rank is not None and (not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"rank of the next link must be a positive integer, got {rank!r}")
+    quantized.check_merge_options(quantized_merge, max_residual_rank)
     layers = list(lora_layers(model))
     if not layers:
         raise KnotError("no active LoRA layer found: wrap the model with peft.get_peft_model(...) first")
     if rank is not None:
         check_ranks_fit(((name, layer) for name, layer, _ in layers), [("", rank)])
-    distributed.check_knot_supported(model, layers, rank)  # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed
+    # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed (FSDP2: no int8 base, no requantize)
+    distributed.check_knot_supported(model, layers, rank, quantized_merge=quantized_merge)
+    is_quantized = {name: quantization(layer) is not None for name, layer, _ in layers}
+    if any(is_quantized.values()):
+        quantized.attach_residuals(model)  # no-op when already attached (as it should be, before DDP)
 
     # 1. check every delta before touching anything (from r×r Gram matrices: B·A is formed once, to merge it)
     squared_norm = 0.0
@@ -248,8 +273,13 @@ def tie_knot(
         norm_sq = link_delta_norm_sq(layer, adapter)
         if not math.isfinite(norm_sq):
             raise KnotError(f"refusing knot: the update of {name} is not finite (model left unchanged)")
+        if is_quantized[name]:
+            quantized.check_layer(name, layer, adapter, quantized_merge)
         if max_relative_delta is not None:
-            weight_norm = distributed.item(layer.get_base_layer().weight.float().norm())
+            if is_quantized[name]:
+                weight_norm = quantized.effective_weight_norm(layer)
+            else:
+                weight_norm = distributed.item(layer.get_base_layer().weight.float().norm())
             if math.sqrt(norm_sq) > max_relative_delta * weight_norm:
                 raise KnotError(
                     f"refusing knot: ‖ΔW‖ of {name} is {math.sqrt(norm_sq):.3g}, over {max_relative_delta}·‖W‖ "
@@ -259,15 +289,21 @@ def tie_knot(
 
     links_tied = 0
     old_params, replaced = [], {}
-    for _, layer, adapter in layers:
+    tied: dict[str, quantized.LayerKnot] = {}
+    for name, layer, adapter in layers:
         # 1. tie the knot
         chain = layer_chain(layer)
-        weight = layer.get_base_layer().weight
-        use_master = precise if precise is not None else weight.dtype != torch.float32
-        if use_master and chain.master_weight is None:
-            chain.master_weight = master_copy(weight)
-        delta, bias_delta = link_delta(layer, adapter)
-        _merge_into_base(layer, delta, bias_delta)
+        if is_quantized[name]:  # into the residual beside the quantized weight (or re-quantized into it)
+            tied[name] = quantized.tie_layer(
+                layer, adapter, quantized_merge=quantized_merge, max_residual_rank=max_residual_rank
+            )
+        else:
+            weight = layer.get_base_layer().weight
+            use_master = precise if precise is not None else weight.dtype != torch.float32
+            if use_master and chain.master_weight is None:
+                chain.master_weight = master_copy(weight)
+            delta, bias_delta = link_delta(layer, adapter)
+            _merge_into_base(layer, delta, bias_delta)
         if keep_links:
             bias = layer.lora_B[adapter].bias
             chain.links.append(
@@ -290,8 +326,24 @@ def tie_knot(
     if optimizer is not None:
         reset_optimizer_state(optimizer, old_params, replaced)
     next_rank = layers[0][1].r[layers[0][2]]
-    return KnotRecord(
+    record = KnotRecord(
         link=links_tied, next_rank=next_rank, delta_norm=math.sqrt(squared_norm), layers=len(layers)
+    )
+    return _with_quantized(record, quantized_merge, tied) if tied else record
+
+
+def _with_quantized(record: KnotRecord, merge: str, tied: dict[str, quantized.LayerKnot]) -> KnotRecord:
+    """``record`` with what a knot did on the quantized layers: residual rank, compression/requantize errors."""
+    compression = {name: t.compression_error for name, t in tied.items() if t.compression_error}
+    requantize = {
+        name: t.requantize.relative_to_update for name, t in tied.items() if t.requantize is not None
+    }
+    return dataclasses.replace(
+        record,
+        quantized_merge=merge,
+        residual_rank=max(t.residual_rank for t in tied.values()),
+        compression_errors=compression or None,
+        requantize_errors=requantize or None,
     )
 
 
@@ -302,11 +354,15 @@ def set_peft_rank(model: nn.Module, rank: int) -> None:
         config.rank_pattern = {}
 
 
-def merge_chain(model: nn.Module) -> nn.Module:
+def merge_chain(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Fold the current link into the base (the last knot, with no extension) and remove every LoRA module.
 
     Returns the plain transformers model: same parameter count as before LoRA, zero inference overhead.
+    A model with LoRA layers over a bitsandbytes base is merged into its *dequantized* weights, in ``dtype``
+    (``chainlora.quantized.merge_dequantized``, which also reports the error of that cast).
     """
+    if any(quantization(layer) is not None for _, layer, _ in lora_layers(model)):
+        return quantized.merge_dequantized(model, dtype)[0]
     for _, layer, adapter in list(lora_layers(model)):
         delta, bias_delta = link_delta(layer, adapter)
         if not distributed.item(torch.isfinite(delta).all()):

@@ -22,7 +22,12 @@ both transient; with ``keep_links`` each process also keeps the tied link whole 
   original parameters, so a link of a new rank would silently stop being synchronized;
 * FSDP1 (``FullyShardedDataParallel``, flat parameters): use FSDP2;
 * DeepSpeed: ZeRO keeps its own fp32 copy of the trainable weights, which a knot cannot reset;
-* an FSDP2 model whose LoRA parameters are not sharded ``DTensor``s at the knot (unsharded mid-step).
+* an FSDP2 model whose LoRA parameters are not sharded ``DTensor``s at the knot (unsharded mid-step);
+* on a bitsandbytes-quantized base (``chainlora.quantized``), FSDP2 with an int8 base (FSDP2 replaces
+  bitsandbytes' ``Int8Params`` by a plain ``Parameter``, which loses its scales) or with
+  ``quantized_merge='requantize'`` (each process holds a block of the *packed* 4-bit data, which cannot be
+  re-quantized in place). The residual is replicated (buffers): DDP and FSDP2 (nf4/fp4) both work, and
+  :func:`sync_replicas` fingerprints it with the rest of the chain.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ except ImportError:  # older torch, or a build without torch.distributed: nothin
 
 
 from chainlora.errors import ConfigError
-from chainlora.links import chain_length, layer_chains, lora_layers
+from chainlora.links import chain_length, layer_chains, lora_layers, quantization
 from chainlora.schedules import KnotSchedule
 
 if TYPE_CHECKING:
@@ -191,10 +196,19 @@ DEEPSPEED = (
     "DeepSpeed is not supported for COLA knots: ZeRO keeps its own fp32 copy of the LoRA weights, which a knot "
     "cannot reset (the next step would undo it). Use DDP or FSDP2."
 )
+FSDP2_INT8 = (
+    "{name}: an int8 (bitsandbytes Linear8bitLt) base cannot be sharded by FSDP2 (it replaces Int8Params by a "
+    "plain Parameter, which has no scales): use DDP, or quantize nf4/fp4"
+)
+FSDP2_REQUANTIZE = (
+    "quantized_merge 'requantize' is not supported with FSDP2 (each process holds a block of the packed 4-bit "
+    "weight, which cannot be re-quantized in place): use the exact residual (quantized_merge 'residual') or DDP"
+)
 
 
-def _check_engine(model: nn.Module) -> None:
-    """Refuse wrappers a knot cannot work under (FSDP1, DeepSpeed ZeRO-3, FSDP2 caught unsharded)."""
+def _check_engine(model: nn.Module, quantized_merge: str = "residual") -> None:
+    """Refuse wrappers a knot cannot work under (FSDP1, DeepSpeed ZeRO-3, FSDP2 caught unsharded, FSDP2 with an
+    int8 base or with ``quantized_merge='requantize'``)."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ConfigError(DEEPSPEED)
     if not dist.is_available():
@@ -212,11 +226,14 @@ def _check_engine(model: nn.Module) -> None:
         raise ConfigError(FSDP1)
     if any(isinstance(m, fsdp2) for m in modules):
         for name, layer, adapter in lora_layers(model):
-            params = [
-                layer.get_base_layer().weight,
-                layer.lora_A[adapter].weight,
-                layer.lora_B[adapter].weight,
-            ]
+            scheme = quantization(layer)
+            if scheme == "int8":
+                raise ConfigError(FSDP2_INT8.format(name=name))
+            if scheme is not None and quantized_merge == "requantize":
+                raise ConfigError(FSDP2_REQUANTIZE)
+            params = [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+            if scheme is None:  # a quantized weight's shard is packed data: only the links must be sharded
+                params.append(layer.get_base_layer().weight)
             if not all(isinstance(p, DTensor) for p in params):
                 raise ConfigError(
                     f"{name}: FSDP2 parameters are not sharded DTensors here; a knot must run between optimizer "
@@ -225,11 +242,15 @@ def _check_engine(model: nn.Module) -> None:
 
 
 def check_knot_supported(
-    model: nn.Module, layers: Iterable[tuple[str, LoraLinear, str]], rank: int | None
+    model: nn.Module,
+    layers: Iterable[tuple[str, LoraLinear, str]],
+    rank: int | None,
+    *,
+    quantized_merge: str = "residual",
 ) -> None:
     """Called by ``tie_knot`` before it changes anything: the engine is supported and, with several processes
     or sharded parameters, the rank does not change."""
-    _check_engine(model)
+    _check_engine(model, quantized_merge)
     if rank is None:
         return
     changing = {layer.r[adapter] for _, layer, adapter in layers if layer.r[adapter] != rank}
@@ -263,7 +284,9 @@ def check_rank_schedule(
             raise ConfigError(RANK_CHANGE.format(what=what, n=processes))
 
 
-def check_training_setup(model: nn.Module, schedule: KnotSchedule, args: Any = None) -> None:
+def check_training_setup(
+    model: nn.Module, schedule: KnotSchedule, args: Any = None, *, quantized_merge: str = "residual"
+) -> None:
     """Fail before the first step on a distributed set-up a knot cannot handle (see the module docstring).
 
     Run by the callback's ``on_train_begin``, after a resume restored the chain: only the links still to come
@@ -273,7 +296,7 @@ def check_training_setup(model: nn.Module, schedule: KnotSchedule, args: Any = N
         getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     ):
         raise ConfigError(DEEPSPEED)
-    _check_engine(model)
+    _check_engine(model, quantized_merge)
     current = {layer.r[adapter] for _, layer, adapter in lora_layers(model)}
     check_rank_schedule(schedule, current, first_link=chain_length(model) + 1)
 
@@ -282,7 +305,8 @@ def check_training_setup(model: nn.Module, schedule: KnotSchedule, args: Any = N
 
 
 def _chain_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The replicated (not sharded) tensors a knot writes: base weight, bias, fp32 master, A, B, B's bias."""
+    """The replicated (not sharded) tensors a knot writes: base weight, bias, fp32 master, A, B, B's bias; on a
+    quantized base the residual's factors, and the quantized weight's scales once re-quantized."""
     tensors = []
     for _, layer, adapter, chain in layer_chains(model):
         base = layer.get_base_layer()
@@ -294,8 +318,23 @@ def _chain_tensors(model: nn.Module) -> list[torch.Tensor]:
             layer.lora_B[adapter].weight,
             layer.lora_B[adapter].bias,
         ]
+        if chain.residual is not None:
+            candidates += list(chain.residual.buffers(recurse=False))
+        if chain.requantized:
+            candidates += _quantization_scales(base)
         tensors += [t for t in candidates if t is not None and not isinstance(t, DTensor)]
     return tensors
+
+
+def _quantization_scales(base: nn.Module) -> list[torch.Tensor | None]:
+    """The scales that go with a re-quantized bitsandbytes weight's data: 4-bit block absmax (and its own
+    absmax with double quantization); int8 row scales (SCB)."""
+    state = getattr(base.weight, "quant_state", None)
+    if state is not None:
+        nested = getattr(state, "state2", None)
+        return [state.absmax, getattr(state, "offset", None), nested.absmax if nested is not None else None]
+    int8_state = getattr(base, "state", None)
+    return [getattr(int8_state, "SCB", None), getattr(base.weight, "SCB", None)]
 
 
 @torch.no_grad()

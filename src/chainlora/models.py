@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import torch
@@ -318,6 +319,8 @@ def load(
     dtype: torch.dtype = torch.float32,
     *,
     cache_dir: str | Path | None = None,
+    quantization_config: Any = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its prepared tokenizer (see :func:`prepare_tokenizer`), model in eval mode.
 
@@ -325,7 +328,8 @@ def load(
     converted once into ``<cache_dir or cache_root()>/models/<name>``. ``dtype`` (fp32, bf16 or fp16) applies
     when loading the folder; the cache itself always holds fp32 weights.
     Raises :class:`ModelNotAvailableError` (one line) for a missing package, an unknown name or a folder that
-    is not a causal LM.
+    is not a causal LM. ``quantization_config`` (a ``transformers.BitsAndBytesConfig``) loads the weights
+    quantized, straight onto ``device`` (``dtype`` then applies to the weights that stay unquantized).
     """
     if dtype not in ALLOWED_DTYPES:
         raise ConfigError(
@@ -334,8 +338,11 @@ def load(
     folder, bos = model_folder(name_or_path, cache_dir)
     config = _causal_lm_config(folder)
     check_weights(folder)
+    quantized = {"quantization_config": quantization_config, "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, **(quantized if quantization_config is not None else {})
+        )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # whatever transformers raises for a folder it cannot read: one line
         raise ModelNotAvailableError(f"{folder}: cannot be loaded ({_first_line(err)})") from None

@@ -5,6 +5,12 @@ after a rank step-down the link has another shape. The chain state file (``chain
 everything that the knots changed, for the LoRA-targeted layers only (small next to the model): each layer's
 base weight (its fp32 master when kept), current link and :class:`~chainlora.links.LayerChain`, so resuming
 mid-chain is exact. A resized link is rebuilt with ``chain.extend_link``.
+
+On a bitsandbytes-quantized base (``chainlora.quantized``) the quantized weight is the same on every load of
+the model, so a layer keeps its residual instead (``residual_U``, ``residual_V``, ``residual_bias``; always
+written, rank 0 included), and, after ``requantize`` knots, the re-quantized weight itself (``quant/...``: the
+packed data and its quant state, or int8 data and scales) and the base bias. The file's metadata names each
+quantized layer's scheme; a model quantized otherwise (nf4 vs fp4 vs int8, or not at all) is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +26,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from chainlora import distributed
+from chainlora import distributed, quantized
 from chainlora.chain import KnotRecord, extend_link, master_copy, set_peft_rank
 from chainlora.errors import ChainLoRAError, ConfigError
 from chainlora.io import atomic_path
-from chainlora.links import TiedLink, layer_chain, layer_chains, lora_layers
+from chainlora.links import TiedLink, layer_chain, layer_chains, lora_layers, quantization
 
 CHAIN_STATE_FILE = "chainlora_chain.safetensors"
 FORMAT = "chainlora-chain-v1"
@@ -38,11 +44,14 @@ def _chain_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """
     for name, layer, adapter, chain in layer_chains(model):
         base = layer.get_base_layer()
-        master = chain.master_weight
-        yield f"{name}/base_weight", master if master is not None else base.weight
-        yield f"{name}/master", torch.tensor(master is not None)
-        if base.bias is not None:
-            yield f"{name}/base_bias", base.bias
+        if quantization(layer) is not None:
+            yield from _quantized_items(name, layer, chain)
+        else:
+            master = chain.master_weight
+            yield f"{name}/base_weight", master if master is not None else base.weight
+            yield f"{name}/master", torch.tensor(master is not None)
+            if base.bias is not None:
+                yield f"{name}/base_bias", base.bias
         yield f"{name}/lora_A", layer.lora_A[adapter].weight
         yield f"{name}/lora_B", layer.lora_B[adapter].weight
         if layer.lora_B[adapter].bias is not None:
@@ -54,6 +63,23 @@ def _chain_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{name}/link{i}/scaling", torch.tensor(link.scaling, dtype=torch.float64)
             if link.lora_B_bias is not None:
                 yield f"{name}/link{i}/lora_B_bias", link.lora_B_bias
+
+
+def _quantized_items(name: str, layer: Any, chain: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A quantized layer's share of the chain file: its residual, and what requantize knots changed."""
+    wrapper = quantized.residual_of(layer)
+    if wrapper is None:
+        raise ChainLoRAError(f"{name}: no residual; call chainlora.quantized.attach_residuals(model) first")
+    yield f"{name}/residual_U", wrapper.residual_U
+    yield f"{name}/residual_V", wrapper.residual_V
+    if wrapper.residual_bias is not None:
+        yield f"{name}/residual_bias", wrapper.residual_bias
+    if chain.requantized:
+        base = layer.get_base_layer()
+        for key, tensor in quantized.quantized_weight_tensors(base).items():
+            yield f"{name}/quant/{key}", tensor
+        if base.bias is not None:
+            yield f"{name}/base_bias", base.bias
 
 
 def _is_sharded_chain(model: nn.Module) -> bool:
@@ -87,6 +113,9 @@ def save_chain_state(
         return None
     path = Path(directory) / CHAIN_STATE_FILE
     metadata = {"format": FORMAT, "knots": json.dumps([asdict(k) for k in knots])}
+    schemes = {name: quantization(layer) for name, layer, _ in lora_layers(model) if quantization(layer)}
+    if schemes:
+        metadata["quantization"] = json.dumps(schemes)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -115,6 +144,18 @@ def load_chain_state(model: nn.Module, directory: str | Path) -> list[KnotRecord
             raise ChainLoRAError(
                 f"{path}: saved chain covers {len(saved)} layers, the model has {len(layers)} LoRA layers"
             )
+        schemes = json.loads(metadata.get("quantization", "{}"))
+        for name, layer, _ in layers:
+            if schemes.get(name) != quantization(layer):
+                saved_on, model_is = (
+                    schemes.get(name) or "unquantized",
+                    quantization(layer) or "unquantized",
+                )
+                raise ChainLoRAError(
+                    f"{path}: {name} was saved on a {saved_on} base, this model's is {model_is}"
+                )
+        if schemes:
+            quantized.attach_residuals(model)
         for name, layer, adapter in layers:
             _restore_layer(f, keys, name, layer, adapter, path)
     ranks = {layer.r[adapter] for _, layer, adapter in layers}
@@ -135,13 +176,16 @@ def _restore_layer(f: Any, keys: set[str], name: str, layer: Any, adapter: str, 
             )
         extend_link(layer, adapter, saved_rank, "gaussian", None)
     chain = layer_chain(layer)
-    weight = f.get_tensor(f"{name}/base_weight")
-    if bool(f.get_tensor(f"{name}/master")):
-        chain.master_weight = master_copy(base.weight)  # placed (and sharded) as tie_knot places it
-        distributed.copy_full_(chain.master_weight, weight)
-    distributed.copy_full_(base.weight, weight)
-    if base.bias is not None:
-        distributed.copy_full_(base.bias, f.get_tensor(f"{name}/base_bias"))
+    if quantization(layer) is not None:
+        _restore_quantized(f, keys, name, layer, chain)
+    else:
+        weight = f.get_tensor(f"{name}/base_weight")
+        if bool(f.get_tensor(f"{name}/master")):
+            chain.master_weight = master_copy(base.weight)  # placed (and sharded) as tie_knot places it
+            distributed.copy_full_(chain.master_weight, weight)
+        distributed.copy_full_(base.weight, weight)
+        if base.bias is not None:
+            distributed.copy_full_(base.bias, f.get_tensor(f"{name}/base_bias"))
     distributed.copy_full_(layer.lora_A[adapter].weight, f.get_tensor(f"{name}/lora_A"))
     distributed.copy_full_(layer.lora_B[adapter].weight, f.get_tensor(f"{name}/lora_B"))
     if layer.lora_B[adapter].bias is not None:
@@ -159,3 +203,23 @@ def _restore_layer(f: Any, keys: set[str], name: str, layer: Any, adapter: str, 
         )
         for i in range(links)
     ]
+
+
+def _restore_quantized(f: Any, keys: set[str], name: str, layer: Any, chain: Any) -> None:
+    """A quantized layer's residual and, after requantize knots, its re-quantized weight and base bias."""
+    bias = f.get_tensor(f"{name}/residual_bias") if f"{name}/residual_bias" in keys else None
+    residual = quantized.residual_of(layer)
+    assert residual is not None  # load_chain_state attached the residuals
+    residual.set_residual_(f.get_tensor(f"{name}/residual_U"), f.get_tensor(f"{name}/residual_V"), bias)
+    prefix = f"{name}/quant/"
+    base = layer.get_base_layer()
+    if any(k.startswith(prefix) for k in keys):
+        tensors = {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+        if base.bias is not None:
+            tensors["bias"] = f.get_tensor(f"{name}/base_bias")
+        quantized.restore_quantized_weight(base, tensors)
+        chain.requantized = True
+    elif chain.requantized:  # saved before this model's first requantize knot: back to the original weight
+        assert chain.original_weight is not None  # kept by the first requantize knot
+        quantized.restore_quantized_weight(base, chain.original_weight)
+        chain.requantized = False

@@ -27,6 +27,8 @@ CompileMode = Literal["auto", "on", "off"]
 Selection = Literal["dev_loss", "dev_score", "last"]
 LoRAInit = Literal["gaussian", "kaiming"]
 NonFinite = Literal["skip", "halt"]
+Quantize = Literal["none", "nf4", "fp4", "int8"]
+QuantizedMerge = Literal["residual", "requantize"]
 
 # Paper defaults (REFERENCE.md): LoRA/COLA and full fine-tuning search different LR grids; these are the
 # middle of each grid, used when ``lr`` is not given.
@@ -122,6 +124,13 @@ class ChainSettings:
     """Refuse a knot whose merged update of some layer is larger than this times that layer's weight norm
     (an exploding link); the run then halts with the model at its last good state. A non-finite update is
     always refused. null = no size limit."""
+    quantized_merge: QuantizedMerge = "residual"
+    """With quantize: what a knot does with a link. 'residual' folds it into a frozen low-rank residual beside the
+    quantized weight (exact; the weight is untouched); 'requantize' adds it to the dequantized weight and
+    re-quantizes (the ReLoRA tools' merge: lossy, the error is recorded per knot in metrics.json)."""
+    max_residual_rank: int | None = None
+    """With quantize and quantized_merge 'residual': cap each layer's residual rank (it grows by r per knot) by
+    a truncated SVD; the relative error that drops is recorded per knot. null = no cap (exact)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.auto, dict):
@@ -158,6 +167,9 @@ class ChainSettings:
                 positive_int("chain.ranks", r)
         if self.max_relative_delta is not None:
             number("chain.max_relative_delta", self.max_relative_delta, open_low=True)
+        choice("chain.quantized_merge", self.quantized_merge, QuantizedMerge)
+        if self.max_residual_rank is not None:
+            positive_int("chain.max_residual_rank", self.max_residual_rank)
 
     @property
     def links(self) -> int:
@@ -180,6 +192,10 @@ class TrainConfig:
     """Your own data (--data FILE, or --data.path FILE --data.format ...), or with --task that task's files."""
     method: Method = "cola"
     """lora (one link), cola (a chain of links, knots merged into the base) or full (all weights train)."""
+    quantize: Quantize = "none"
+    """Load the base quantized by bitsandbytes (QLoRA; lora and cola): nf4 or fp4 (4-bit) or int8. A knot folds
+    each link into a frozen low-rank residual beside the quantized weight (exact, see chain.quantized_merge);
+    adapter/ loads onto the quantized base. Needs bitsandbytes: pip install 'chainlora[quantized]'."""
 
     # --- data sampling (the MeZO harness: 1000 / 500 / 1000) ---------------------------------------------------
     seed: int = 0
@@ -279,6 +295,10 @@ class TrainConfig:
     save_adapter: bool = True
     """Write adapter/ beside final/: the whole chain (every tied link + the current one) as ONE standard PEFT
     LoRA adapter that loads onto the original base model (lora and cola; method full has none)."""
+    save_final: bool | None = None
+    """Write final/, the merged model, and test it. null = yes, except with quantize: then the trained model
+    (quantized base + chain) is tested and adapter/ is the result; true merges the chain into the dequantized
+    base in bf16 (the cast's error is recorded in metrics.json)."""
     logging_steps: int = 1
     """Log the training loss every this many optimizer steps."""
 
@@ -329,6 +349,9 @@ class TrainConfig:
         choice("precision", self.precision, TrainPrecision)
         choice("base_dtype", self.base_dtype, TrainPrecision)
         choice("compile", self.compile, CompileMode)
+        choice("quantize", self.quantize, Quantize)
+        if self.save_final is not None and not isinstance(self.save_final, bool):
+            raise fail("save_final", f"must be true, false or null, got {self.save_final!r}")
         for name in ("group_by_length", "shared_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise fail(name, f"must be true or false, got {getattr(self, name)!r}")
@@ -385,6 +408,22 @@ class TrainConfig:
                 )
         if self.lr_schedule == "jagged" and self.method != "cola":
             raise fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
+        if self.quantize != "none" and self.method == "full":
+            raise fail(
+                "quantize", "method full trains every weight, which cannot stay quantized; use lora or cola"
+            )
+        if self.quantize == "none" and (
+            chain.quantized_merge != "residual" or chain.max_residual_rank is not None
+        ):
+            name = (
+                "chain.max_residual_rank" if chain.max_residual_rank is not None else "chain.quantized_merge"
+            )
+            raise fail(name, "applies to a quantized base only: add --quantize nf4|fp4|int8")
+        if chain.quantized_merge == "requantize" and chain.max_residual_rank is not None:
+            raise fail(
+                "chain.max_residual_rank",
+                "caps the residual, which quantized_merge 'requantize' leaves empty",
+            )
 
     @property
     def workload_name(self) -> str:

@@ -74,8 +74,11 @@ def run_metrics(
         if "eval_loss" in e
     ]
     selected = next((e for e in dev_history if e["step"] == selected_step), None)
+    quantized = ("quantized_merge", "residual_rank", "compression_errors", "requantize_errors")  # QLoRA knots
     knot_rows = [
-        {"step": k.step, "link": k.link, "next_rank": k.next_rank, "delta_norm": k.delta_norm} for k in knots
+        {"step": k.step, "link": k.link, "next_rank": k.next_rank, "delta_norm": k.delta_norm}
+        | {f: getattr(k, f) for f in quantized if getattr(k, f) is not None}
+        for k in knots
     ]
     workload = run.workload
     zero_shot = run.zero_shot or {}
@@ -153,7 +156,13 @@ def train_summary(metrics: dict[str, Any]) -> str:
         lines.append(
             f"  test loss {test_metrics['loss']:.4f}, perplexity {test_metrics.get('perplexity', float('nan')):.4g}"
         )
-    lines.append(f"  run: {metrics['run_dir']} (final/ = merged model, metrics.json, loss.png, tb/)")
+    quantized = metrics.get("quantized")
+    if quantized and quantized.get("final") is None:  # QLoRA: no final/ unless asked for
+        lines.append(
+            f"  run: {metrics['run_dir']} (adapter/ = the chain for the {quantized['scheme']} base, metrics.json)"
+        )
+    else:
+        lines.append(f"  run: {metrics['run_dir']} (final/ = merged model, metrics.json, loss.png, tb/)")
     if improved is not None:
         lines.append(f"{metrics['method'].upper()} fine-tuning: {improved}")
     return "\n".join(lines)

@@ -18,6 +18,10 @@ Invariants:
   full fine-tuning drops PEFT and the callback.
 * The selected state (lowest dev loss / highest dev score / last) is what is tested and exported: the test score
   is computed on the merged model, which is then saved in ``final/``, so ``final/`` scores exactly the same.
+* ``--quantize nf4|fp4|int8`` (QLoRA) loads the base quantized by bitsandbytes; every knot folds the link into a
+  frozen residual beside the quantized weight (``chainlora.quantized``), ``adapter/`` loads onto the quantized
+  base, and the test score is the trained model's (``final/`` only on request: the chain merged into the
+  dequantized base in bf16, the error of the cast recorded).
 * ``--resume`` continues from the newest complete checkpoint (for lora/cola: one that holds the chain state) and
   ends with the same weights as an uninterrupted run, wherever the previous session was killed: the LR
   schedule is a pure function of the step, the chain state is restored by the callback, the best-dev record
@@ -39,7 +43,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from chainlora import distributed, models, rundir
+from chainlora import distributed, models, quantized, rundir
 from chainlora.adapter import export_adapter
 from chainlora.callback import ChainOfLoRACallback
 from chainlora.chain import check_ranks_fit
@@ -47,7 +51,7 @@ from chainlora.config import TrainConfig
 from chainlora.errors import ConfigError
 from chainlora.guards import NonFiniteGuard
 from chainlora.io import write_json_atomic
-from chainlora.perf import resolve_speed
+from chainlora.perf import DTYPES, resolve_speed
 from chainlora.recipes.export import adapter_reference, final_model
 from chainlora.recipes.plots import plot_loss
 from chainlora.recipes.run import Run, run_metrics, train_summary
@@ -82,7 +86,13 @@ def setup(config: TrainConfig) -> Run:
     workload = load_workload(config)  # every row read and checked, the seed's splits drawn
     speed = resolve_speed(config)
     args = training_arguments(config, run_dir, speed)
-    model, tokenizer = models.load(config.model, dtype=speed.torch_base_dtype)
+    bnb = None  # QLoRA: 4-bit layers compute in the autocast dtype
+    if config.quantize != "none":
+        bnb = quantized.bnb_config(config.quantize, DTYPES[speed.precision])  # refuses a missing bitsandbytes
+    model, tokenizer = models.load(
+        config.model, dtype=speed.torch_base_dtype, quantization_config=bnb, device=args.device
+    )
+    quantized.disable_cpu_bf16_repack(model)  # before the first eval-mode forward (the 0-shot score)
     train_set, dev_set, collator, batching = workload.datasets(tokenizer, config)
     speed = dataclasses.replace(speed, batching=batching)
     logger.info("speed: %s", speed.describe())
@@ -142,6 +152,19 @@ def _check_lora_targets(model: torch.nn.Module, config: TrainConfig) -> None:
         linear = [(n, m) for n, m in linear if any(n == t or n.endswith("." + t) for t in targets)]
     ranks = [("lora.r", config.lora.r)] + [("chain.ranks", r) for r in config.chain.ranks or []]
     check_ranks_fit(linear, ranks)
+    # with quantize, a knot folds into a quantized layer's residual; PEFT's all-linear skips the head
+    if config.quantize != "none":
+        head = model.get_output_embeddings()
+        plain = [
+            n
+            for n, m in linear
+            if quantized.quantization(m) is None and (targets != "all-linear" or m is not head)
+        ]
+        if plain:
+            raise ConfigError(
+                f"lora.target_modules: {plain[0]} is not quantized by bitsandbytes (it keeps output heads and "
+                f"unsupported layers in full precision); target quantized layers only with --quantize {config.quantize}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -156,7 +179,8 @@ def zero_shot(run: Run) -> dict[str, Any] | None:
         run.zero_shot = json.loads(cached.read_text())
         return run.zero_shot
     logger.info("scoring the pretrained model (0-shot) on %d test examples", len(run.workload.test))
-    run.model.to(run.args.device)
+    if run.config.quantize == "none":  # a quantized model was loaded onto its device
+        run.model.to(run.args.device)
     result = scalar_metrics(run.workload.evaluate(run.model, run.tokenizer, "test"))
     run.zero_shot = {"test_score": result.get("score"), "metric": run.workload.metric, "metrics": result}
     if run.args.should_save:
@@ -187,6 +211,7 @@ def wrap_model(run: Run) -> torch.nn.Module:
             task_type="CAUSAL_LM",
         )
         run.model = get_peft_model(run.model, peft_config)
+        quantized.attach_residuals(run.model)  # QLoRA: each quantized layer's residual, before DDP wraps it
     run.trainable_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     return run.model
 
@@ -208,6 +233,8 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
             init=config.lora.init,
             seed=config.train_seed,
             max_relative_delta=config.chain.max_relative_delta,
+            quantized_merge=config.chain.quantized_merge,
+            max_residual_rank=config.chain.max_residual_rank,
         )
     to_tensorboard = "tensorboard" in config.report_to
     tb_writer = (
@@ -282,6 +309,8 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     if config.save_adapter and config.method != "full" and run.args.should_save:
         # the whole chain as one PEFT LoRA (rank Σ r_i) on the original base: before the final merge
         base, readme = adapter_reference(config.model)
+        if config.quantize != "none":
+            readme += _quantized_readme(config)
         adapter = export_adapter(
             model,
             run.run_dir / rundir.ADAPTER_DIR,
@@ -289,12 +318,22 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
             readme=readme,
             overwrite=True,
         ).to_dict()
-    model = final_model(run, model)  # merged, in the base's own dtype: what final/ holds and the test scores
+    save_final = config.save_final if config.save_final is not None else config.quantize == "none"
+    quantized_info = None
+    if config.quantize != "none":
+        # the trained model is tested, unless final/ (the chain merged into the dequantized base) is asked for
+        model, quantized_info = _finish_quantized(run, model, merge=save_final)
+    else:
+        # merged, in the base's own dtype: what final/ holds and the test scores
+        model = final_model(run, model)
     test = run.workload.evaluate(model, run.tokenizer, "test") if run.workload.test else None
     knots = run_callback.chain.knots if run_callback.chain else []
     metrics = run_metrics(run, trainer.state, selected_step, test, knots, adapter, train_seconds)
+    if quantized_info is not None:
+        metrics["quantized"] = quantized_info
     if run.args.should_save:
-        rundir.write_final_model(run.run_dir, model, run.tokenizer)
+        if save_final:
+            rundir.write_final_model(run.run_dir, model, run.tokenizer)
         plot_loss(
             run.run_dir / rundir.LOSS_PLOT,
             metrics["train_loss"],
@@ -307,6 +346,43 @@ def finish(run: Run, trainer: RunTrainer, run_callback: RunCallback) -> dict[str
     if run.args.should_save:
         rundir.remove_training_state(run.run_dir, keep_checkpoints=config.keep_checkpoints)
     return metrics
+
+
+def _quantized_readme(config: TrainConfig) -> str:
+    """adapter/README.md, for a run on a quantized base: how to load that base, and what the adapter gives."""
+    return (
+        f"\nThe chain was trained on this base quantized by bitsandbytes ({config.quantize}). On the base "
+        "quantized the same way it computes the trained model (every tied link is in the adapter, exactly):\n\n"
+        f'```python\nfrom chainlora import quantized\n\nbnb = quantized.bnb_config("{config.quantize}", '
+        "torch.bfloat16)  # the compute dtype of your choice\n"
+        f'base, tokenizer = models.load("{config.model}", quantization_config=bnb, device="cuda")\n'
+        'model = PeftModel.from_pretrained(base, "adapter")\n```\n\n'
+        "On the unquantized base (as above) it differs from the trained model by the quantization error only.\n"
+    )
+
+
+def _finish_quantized(
+    run: Run, model: torch.nn.Module, *, merge: bool
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """What ``metrics.json`` records of a quantized run, and the model to test: the trained one, or with
+    ``merge`` the chain merged into the dequantized base in bf16 (the relative error of that cast recorded)."""
+    chain = run.config.chain
+    info: dict[str, Any] = {
+        "scheme": run.config.quantize,
+        "bitsandbytes": quantized.bitsandbytes_version(),
+        "quantized_merge": chain.quantized_merge,
+        "max_residual_rank": chain.max_residual_rank,
+        "residual_MiB": round(quantized.residual_memory_bytes(model) / 2**20, 4),
+        "final": None,
+    }
+    run.test_precision = f"{run.config.quantize} base"  # the trained model: quantized base + chain
+    if merge:
+        model, report = quantized.merge_dequantized(model, torch.bfloat16)
+        info["final"] = report.to_dict()
+        run.test_precision = "bf16"  # final/: the chain merged into the dequantized base
+        logger.info("final/: the chain merged into the dequantized base, %s", report.dtype)
+    model.config.use_cache = True  # training switched it off
+    return model.eval(), info
 
 
 # ------------------------------------------------------------------------------------------------ main
