@@ -46,7 +46,7 @@ import mmap
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -509,7 +509,12 @@ def checkpoint_problem(folder: Path, *, chain: bool) -> str | None:
         int(state["global_step"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"trainer_state.json does not parse ({_first_line(err)})"
-    for name in seal["files"]:
+    return unloadable_safetensors(folder, seal["files"])
+
+
+def unloadable_safetensors(folder: Path, names: Iterable[str]) -> str | None:
+    """The first of ``names`` in ``folder`` that is a safetensors file safetensors cannot open, as a problem line."""
+    for name in names:
         if name.endswith(".safetensors"):
             try:
                 with safe_open(str(folder / name), "pt") as f:
@@ -572,15 +577,7 @@ def best_problem(run_dir: Path, step: int) -> str | None:
         return f"{BEST_RECORD} unreadable: {_first_line(err)}"
     if problem is None and saved_step != step:
         problem = f"it holds the state of step {saved_step}, not of the best dev step {step}"
-    if problem is None:
-        for name in record["files"]:
-            if name.endswith(".safetensors"):
-                try:
-                    with safe_open(str(folder / name), "pt") as f:
-                        f.keys()
-                except Exception as err:  # safetensors raises its own error types
-                    return f"{name} does not load ({_first_line(err)})"
-    return problem
+    return problem if problem is not None else unloadable_safetensors(folder, record["files"])
 
 
 def restore_best_state(run_dir: Path, model: torch.nn.Module, step: int, *, full: bool) -> None:
