@@ -118,6 +118,44 @@ def test_quantized_drift_quick(tmp_path, shared_data):
     assert set(saved["test_score"]) == {"base", "exact_residual", "requantize"}
 
 
+def test_sft_vs_trl_quick(tmp_path):
+    """chainlora COLA (length-grouped and packed batches) vs TRL's SFTTrainer on a tiny ChatML model and
+    examples/data/chat.jsonl: no ../shared, no network. TRL's variant is dropped only where trl is missing."""
+    bench = bench_module("sft_vs_trl")
+    saved = run_bench(
+        "sft_vs_trl",
+        tmp_path,
+        "--variants",
+        "cola:grouped,cola:packed,trl:default",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+    )
+    runs, has_trl = saved["variants"], bench.trl_available()
+    assert set(runs) == {"cola:grouped", "cola:packed"} | ({"trl:default"} if has_trl else set())
+    assert saved["skipped"] == ([] if has_trl else ["trl:default"])
+    measures_rss = bench.benchlib.reset_peak_rss()
+    for name, run in runs.items():
+        assert run["timed_steps"] == 2 and len(run["step_seconds"]) == 3 and run["tokens_per_s"] > 0
+        assert 0 < run["real_tokens"] <= run["fed_tokens"] and 0 < run["loss_tokens"] <= run["real_tokens"]
+        assert run["memory"]["real_tokens"] == 3 * sum(saved["heaviest_batch_lengths"])  # 3 steps, same batch
+        if measures_rss:
+            assert run["peak_delta_mib"] >= 0 and run["memory"]["peak_delta_mib"] >= 0
+        if name.startswith("cola:"):  # 3 links over 3 steps: a knot after steps 1 and 2, each timed
+            assert run["knots"] == [1, 2] and len(run["knot_seconds"]) == 2 and 0 < run["knot_share"] < 1
+            assert run["loss_tokens"] < run["real_tokens"]  # assistant turns only
+    packed = runs["cola:packed"]
+    assert packed["padding_share"] == 0 and packed["real_tokens"] == packed["fed_tokens"]
+    if has_trl:  # the same conversations, tokenized alike by both; TRL's default loss takes every token
+        trl = runs["trl:default"]
+        assert trl["dataset_tokens"] == packed["dataset_tokens"] and trl["examples"] == packed["examples"]
+        assert trl["loss_tokens"] == trl["real_tokens"] and trl["gradient_checkpointing"]
+        assert set(saved["verdicts"]) == {"tokens_per_s", "peak_memory", "knot_share"}
+    else:
+        assert saved["verdicts"] == {}
+
+
 @pytest.mark.parametrize("shape, billions", [("opt-1.3b", 1.316), ("llama-2-7b", 6.738)])
 def test_paper_shapes_have_the_papers_parameter_counts(shape, billions):
     """The CUDA benchmarks' random-init models (built here on the meta device: no memory, no time)."""
