@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     optimizer = perf.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     collators = {
-        8: tasks.TrainingCollator(tokenizer),
+        8: tasks.TrainingCollator(tokenizer, pad_to_multiple_of=8),
         None: tasks.TrainingCollator(tokenizer, pad_to_multiple_of=None),
     }
 

@@ -89,6 +89,18 @@ def default_model(args: argparse.Namespace) -> str:
     return "opt-1.3b" if torch.device(args.device).type == "cuda" else "smollm2-135m"
 
 
+def probe_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments a memory probe (a fresh ``--probe`` subprocess of the same script) shares with its parent:
+    device, batch shape, seed, warm-up, model, layers and threads."""
+    argv = ["--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    argv += ["--seed", str(args.seed), "--warmup", str(args.warmup), "--model", default_model(args)]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 
@@ -166,6 +178,55 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def lora_targets(name: str) -> list[str]:
     return SHAPES[name]["targets"] if name in SHAPES else ["q_proj", "v_proj"]
+
+
+def vocab_size(args: argparse.Namespace) -> int:
+    """The vocabulary of ``--model``: a paper shape's, or read from a registry model's or a folder's config."""
+    name = default_model(args)
+    if name in SHAPES:
+        return SHAPES[name]["vocab"]
+    from transformers import AutoConfig
+
+    from chainlora import models
+
+    return AutoConfig.from_pretrained(
+        name if Path(name).is_dir() else models.ensure_converted(name)
+    ).vocab_size
+
+
+def random_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
+    """``--batch-size`` × ``--seq-len`` random token ids (seeded by ``--seed``, above the special ids 0-2), all
+    attended and all labels: a language-modelling batch of fixed shape."""
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def training_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    device: str,
+    precision: str,
+    scheduler: Any = None,
+) -> Callable[[], None]:
+    """One optimizer step as the Trainer takes it: forward under autocast, backward, gradient clipping at 1.0, the
+    optimizer (and scheduler) step, gradients set to None."""
+    from chainlora import perf
+
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step() -> None:
+        with perf.autocast(device, precision):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 # ---------------------------------------------------------------------------------------------------- timing

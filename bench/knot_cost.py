@@ -68,13 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     state = TrainerState()
     trainer_args = types.SimpleNamespace(seed=args.seed)
 
+    optimizer_step = benchlib.training_step(model, batch, optimizer, args.device, args.precision)
+
     def step() -> None:
-        with perf.autocast(args.device, args.precision):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step()
         state.global_step += 1
 
     def knot() -> None:

@@ -20,6 +20,7 @@ peak. The residual's size is counted exactly (its buffers), and is what COLA's m
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -31,19 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from chainlora import perf, quantized, tie_knot
-
-
-def vocab_size(args) -> int:
-    name = benchlib.default_model(args)
-    if name in benchlib.SHAPES:
-        return benchlib.SHAPES[name]["vocab"]
-    from transformers import AutoConfig
-
-    from chainlora import models
-
-    return AutoConfig.from_pretrained(
-        name if Path(name).is_dir() else models.ensure_converted(name)
-    ).vocab_size
 
 
 def load_quantized(args) -> torch.nn.Module:
@@ -84,14 +72,7 @@ def build(variant: str, args, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-
-    def step() -> None:
-        with perf.autocast(args.device, args.precision):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = benchlib.training_step(model, batch, optimizer, args.device, args.precision)
 
     knot_seconds = []
     if variant == "cola":
@@ -111,17 +92,11 @@ def build(variant: str, args, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
-    return {"input_ids": ids, "labels": ids}
-
-
 def probe(args) -> None:
     """One variant in this fresh process: peak RSS over ``--probe-steps`` steady-state steps (CPU)."""
     import json
 
-    built = build(args.probe, args, make_batch(args, vocab_size(args)))
+    built = build(args.probe, args, benchlib.random_batch(args, benchlib.vocab_size(args)))
     for _ in range(args.warmup):
         built["step"]()
     benchlib.release_memory()
@@ -133,22 +108,8 @@ def probe(args) -> None:
 
 
 def forwarded(args, variant: str) -> list[str]:
-    argv = [__file__, "--probe", variant, "--device", args.device, "--scheme", args.scheme]
-    argv += [
-        "--precision",
-        args.precision,
-        "--batch-size",
-        str(args.batch_size),
-        "--seq-len",
-        str(args.seq_len),
-    ]
-    argv += ["--knots", str(args.knots), "--rank", str(args.rank), "--seed", str(args.seed)]
-    argv += ["--warmup", str(args.warmup), "--model", benchlib.default_model(args)]
-    if args.layers:
-        argv += ["--layers", str(args.layers)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    return argv
+    argv = [__file__, "--probe", variant, *benchlib.probe_argv(args), "--scheme", args.scheme]
+    return [*argv, "--precision", args.precision, "--knots", str(args.knots), "--rank", str(args.rank)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--knots", type=int, default=3, help="COLA: knots tied before timing (links tied)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--memory", choices=("auto", "none"), default="auto")
-    parser.add_argument("--probe", default=None, help=argparse_hidden())
-    parser.add_argument("--probe-steps", type=int, default=2, help=argparse_hidden())
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"
@@ -176,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     name = benchlib.default_model(args)
-    batch = make_batch(args, vocab_size(args))
+    batch = benchlib.random_batch(args, benchlib.vocab_size(args))
     variants = {v: build(v, args, batch) for v in ("qlora", "cola")}
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
 
@@ -290,12 +251,6 @@ def main(argv: list[str] | None = None) -> dict:
         },
     )
     return results
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

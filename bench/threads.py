@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     runner = train_step.build_runner(
         train_step.Variant.parse(f"peft:{args.precision}"),
         args,
-        train_step.make_batch(args, train_step.vocab_size(args)),
+        benchlib.random_batch(args, benchlib.vocab_size(args)),
     )
 
     def with_threads(n: int):

@@ -34,6 +34,7 @@ MFU against the GPU's datasheet dense bf16 peak (``benchlib.PEAK_TFLOPS_BF16``) 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import subprocess
@@ -139,7 +140,6 @@ SHARED_BASES: dict[torch.dtype, torch.nn.Module] = {}  # --share-base: one unwra
 def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runner:
     from peft import LoraConfig, get_peft_model
 
-    device = torch.device(args.device)
     name = default_model_name(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant.precision, torch.float32)
     base_dtype = dtype if variant.w16 else torch.float32
@@ -176,14 +176,12 @@ def build_runner(variant: Variant, args, batch: dict[str, torch.Tensor]) -> Runn
     forward = torch.compile(model, backend=args.compile_backend) if variant.compile else model
     runner: Runner
 
+    optimizer_step = benchlib.training_step(
+        forward, batch, optimizer, args.device, variant.precision, scheduler
+    )
+
     def step() -> None:
-        with perf.autocast(device, variant.precision):
-            loss = forward(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step()
         runner.steps_done += 1
         if variant.method == "cola" and runner.steps_done % args.knot_every == 0:
             tie_knot(model, optimizer)
@@ -206,31 +204,13 @@ def master_copy_mib(model: torch.nn.Module) -> float:
     return sum(c.numel() * c.element_size() for c in copies if c is not None) / 2**20
 
 
-def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def vocab_size(args) -> int:
-    name = default_model_name(args)
-    if name in benchlib.SHAPES:
-        return benchlib.SHAPES[name]["vocab"]
-    from transformers import AutoConfig
-
-    from chainlora import models
-
-    folder = Path(name) if Path(name).is_dir() else models.ensure_converted(name)
-    return AutoConfig.from_pretrained(folder).vocab_size
-
-
 # ---------------------------------------------------------------------------------------------- memory probe
 
 
 def probe(args) -> None:
     """Child process: one variant, warm-up, then peak RSS over ``--probe-steps`` steady-state steps."""
     variant = Variant.parse(args.probe)
-    batch = make_batch(args, vocab_size(args))
+    batch = benchlib.random_batch(args, benchlib.vocab_size(args))
     before = benchlib.rss_mib()
     runner = build_runner(variant, args, batch)
     for _ in range(args.warmup):
@@ -271,15 +251,8 @@ def cpu_memory(args, variants: list[Variant]) -> dict[str, dict]:
 
 
 def forwarded_args(args) -> list[str]:
-    argv = ["--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    argv += ["--knot-every", str(args.knot_every), "--rank", str(args.rank), "--seed", str(args.seed)]
-    argv += ["--warmup", str(args.warmup), "--probe-steps", str(args.probe_steps)]
-    argv += ["--model", default_model_name(args)]
-    if args.layers:
-        argv += ["--layers", str(args.layers)]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    return argv
+    argv = [*benchlib.probe_argv(args), "--probe-steps", str(args.probe_steps)]
+    return [*argv, "--knot-every", str(args.knot_every), "--rank", str(args.rank)]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -316,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="MFU: side of the square matmul timed as the peak (default 8192 on CUDA, 2048 on CPU, 256 with --quick)",
     )
-    parser.add_argument("--probe", default=None, help=argparse_hidden())
-    parser.add_argument("--probe-steps", type=int, default=2, help=argparse_hidden())
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"
@@ -335,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [
         Variant.parse(s) for s in (args.variants.split(",") if args.variants else default_variants(args))
     ]
-    batch = make_batch(args, vocab_size(args))
+    batch = benchlib.random_batch(args, benchlib.vocab_size(args))
     runners: dict[str, Runner] = {}
     for v in variants:
         if cuda:
@@ -511,12 +484,6 @@ def main(argv: list[str] | None = None) -> dict:
         },
     )
     return results
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Forked runs (and the server they are forked from) use one thread: the machine is shared. A module asks for
+    it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -29,7 +29,7 @@ from chainlora.config import TrainConfig, parse_config
 from chainlora.recipes.train import train
 from chainlora.rundir import COMPLETE_MARKER, latest_checkpoint, seal_checkpoint
 from chainlora.state import CHAIN_STATE_FILE
-from chainlora.testing.faults import run_cli, start_cli
+from chainlora.testing.faults import assert_finished_clean, assert_same_weights, run_cli, start_cli
 
 KILLED = -signal.SIGKILL
 TASK = "cb"
@@ -40,12 +40,7 @@ RUN = [  # 8 optimizer steps, a knot (with a rank step-down) after step 4, a che
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The forked runs (and the server they are forked from) use one thread: the machine is shared."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(model: Path, data: Path, out: Path) -> list[str]:
@@ -60,20 +55,6 @@ def _run(argv: list[str], log: Path, fault: str | None = None) -> int:
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
-
-
-def _assert_same_weights(run_dir: Path, reference: Path) -> None:
-    """final/ of both runs: same tensors, equal to 1e-6 relative (fp32)."""
-    a, b = _final_weights(reference), _final_weights(run_dir)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
-
-
-def _assert_clean(run_dir: Path) -> None:
-    assert (run_dir / "metrics.json").is_file()
-    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-")]
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "best").exists()
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +102,13 @@ def test_sigkill_at_each_named_point_then_resume_matches_uninterrupted(
             assert [p.name.startswith(".tmp-final") for p in out.iterdir()].count(True) == 1
             assert not (out / "final").exists()
     assert _run(["train", "--resume", str(out)], tmp_path / "log-end.txt") == 0
-    _assert_clean(out)
+    assert_finished_clean(out)
     metrics = json.loads((out / "metrics.json").read_text())
     whole = json.loads((reference / "metrics.json").read_text())
     assert [k["step"] for k in metrics["knots"]] == [k["step"] for k in whole["knots"]] == [4]
     assert metrics["train_steps"] == whole["train_steps"] == 8
     assert metrics["train_loss"] == whole["train_loss"]
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(
@@ -158,8 +139,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(
     if not (out / "metrics.json").is_file():
         assert _run(["train", "--resume", str(out)], tmp_path / "log-end.txt") == 0
     assert kills >= 1
-    _assert_clean(out)
-    _assert_same_weights(out, reference)
+    assert_finished_clean(out)
+    assert_same_weights(out, reference)
 
 
 # --------------------------------------------------------------------------- torn checkpoints, unit level

@@ -17,13 +17,17 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from chainlora.cli import main
 from chainlora.rundir import COMPLETE_MARKER, latest_checkpoint
 from chainlora.state import CHAIN_STATE_FILE
-from chainlora.testing.faults import run_cli, run_until_held
+from chainlora.testing.faults import (
+    RUN_WEIGHTS,
+    assert_finished_clean,
+    assert_same_weights,
+    run_cli,
+    run_until_held,
+)
 
 KILLED = -signal.SIGKILL
 RUN = [  # 12 optimizer steps (3 epochs of 4), knots after steps 4 and 8, a checkpoint every step
@@ -37,12 +41,7 @@ SAME = [  # what must equal the uninterrupted run's metrics.json
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The forked runs (and the server they are forked from) use one thread: the machine is shared."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -65,13 +64,8 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     (≤ 1e-6 relative, fp32; bit for bit in practice)."""
     got, expected = _metrics(run_dir), _metrics(reference)
     assert {k: got[k] for k in SAME} == {k: expected[k] for k in SAME}
-    for folder, name in (("final", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
-        a, b = load_file(reference / folder / name), load_file(run_dir / folder / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
-    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-")]
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "best").exists()
+    assert_same_weights(run_dir, reference, RUN_WEIGHTS)
+    assert_finished_clean(run_dir)
 
 
 @pytest.fixture(scope="module")

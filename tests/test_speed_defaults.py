@@ -147,6 +147,27 @@ def test_fp32_masters_stay_on_the_cpu_whatever_the_weight_device():
     ) and master.data_ptr() != weight.data_ptr()
 
 
+def test_training_batches_pad_to_a_multiple_of_8_only_on_cuda(monkeypatch, tiny_llama_dir):
+    """The padded width: tensor-core tiles on CUDA, the longest row on the CPU (rounding only adds tokens there);
+    the recipes' collators take it from the training device."""
+    from chainlora.data import DataSpec, PaddedCollator
+    from chainlora.recipes.workload import load_workload
+
+    assert perf.pad_multiple("cuda") == 8 and perf.pad_multiple("cuda:1") == 8
+    assert perf.pad_multiple("cpu") is None
+    items = [{"input_ids": [5] * 9, "labels": [1] * 9}, {"input_ids": [5] * 3, "labels": [1] * 3}]
+    assert PaddedCollator(0)(items)["input_ids"].shape == (2, 9)
+    assert PaddedCollator(0, perf.pad_multiple("cuda"))(items)["input_ids"].shape == (2, 16)
+    _, tokenizer = models.load(str(tiny_llama_dir))
+    root = Path(__file__).resolve().parents[1] / "examples" / "data"
+    for name in ("text.jsonl", "choices.jsonl"):
+        config = TrainConfig(model=str(tiny_llama_dir), data=DataSpec(path=str(root / name)), num_eval=0)
+        for device, multiple in (("cpu", None), ("cuda", 8)):
+            monkeypatch.setattr(perf, "training_device", lambda device=device: torch.device(device))
+            _, _, collator, _ = load_workload(config).datasets(tokenizer, config)
+            assert collator.pad_to_multiple_of == multiple, (name, device)
+
+
 def test_attention_is_sdpa_and_scoring_batches_follow_the_device(tiny_llama_dir):
     """chainlora never sets ``attn_implementation``: transformers' default, SDPA, on every device. Prefix
     batches are cut by a measured forward cost on the CPU, kept full where it was not measured (CUDA)."""

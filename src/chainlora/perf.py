@@ -32,6 +32,9 @@ with made-up capabilities; ``bench/gpu_suite.py`` measures them on a GPU (BENCHM
 * **prefix-batched scoring**: batches are cut where the padding saved outweighs a forward on the CPU (48 tokens,
   measured); full batches elsewhere, not measured (``chainlora.tasks.scoring.default_forward_cost``).
 * **the training device**: CUDA whenever torch sees one (:func:`training_device`).
+* **padded width**: training batches are padded to a multiple of 8 on CUDA (tensor-core tiles), to their longest
+  row elsewhere (:func:`pad_multiple`): on the CPU the rounding only adds tokens (SST-2: 36,992 vs 30,656 tokens
+  an epoch, §3; chat data: 4 % more than TRL on identical batches, §8).
 
 On every device, training batches are grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's
 ``LengthGroupedSampler`` over the real lengths), and verbalized classification tasks train on one row per example
@@ -108,6 +111,11 @@ def training_device() -> torch.device:
 def compile_by_default(caps: Capabilities) -> bool:
     """``compile: auto``: on for CUDA only (on the CPU compiling costs 68–79 s, repaid after ~300 steps)."""
     return caps.device == "cuda"
+
+
+def pad_multiple(device: str | torch.device) -> int | None:
+    """The multiple training batches are padded to on ``device``: 8 on CUDA, none (the longest row) elsewhere."""
+    return 8 if torch.device(device).type == "cuda" else None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chainlora import data as userdata
-from chainlora import tasks
+from chainlora import perf, tasks
 from chainlora.config import TrainConfig
 from chainlora.data.batches import eval_batches
 from chainlora.data.evaluate import generate, heldout_loss, prompt_ids, reference_scores
@@ -200,13 +200,15 @@ class TaskWorkload(Workload):
             dev_set = tasks.build_training_dataset(
                 self.task, self.dev, tokenizer, max_length=config.max_length
             )
-        collator: Callable = tasks.TrainingCollator(tokenizer)
+        multiple = perf.pad_multiple(perf.training_device())
+        collator: Callable = tasks.TrainingCollator(tokenizer, pad_to_multiple_of=multiple)
         batching = "rows"
         if config.shared_prompt:
             train_view = shared_prompt_view(train_set)
             dev_view = shared_prompt_view(dev_set) if dev_set is not None else None
             if train_view is not None and (dev_set is None or dev_view is not None):
-                train_set, dev_set, collator = train_view, dev_view, SharedPromptCollator(tokenizer)
+                train_set, dev_set = train_view, dev_view
+                collator = SharedPromptCollator(tokenizer, pad_to_multiple_of=multiple)
                 batching = "shared_prompt"
         self._dev_set, self._collator = dev_set, collator
         return train_set, dev_set, collator, batching
@@ -302,7 +304,10 @@ class SFTWorkload(Workload):
             if records:
                 self._sets[split] = self._encode(split, records, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._collator = userdata.packed_collator() if config.data.packing else userdata.PaddedCollator(pad)
+        multiple = perf.pad_multiple(perf.training_device())
+        self._collator = (
+            userdata.packed_collator() if config.data.packing else userdata.PaddedCollator(pad, multiple)
+        )
         return (
             self._sets["train"],
             self._sets.get("dev"),

@@ -102,7 +102,7 @@ class TrainingCollator:
     """
 
     tokenizer: PreTrainedTokenizerBase
-    pad_to_multiple_of: int | None = 8
+    pad_to_multiple_of: int | None = None  # the longest row; chainlora.perf.pad_multiple gives 8 on CUDA
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [row for item in items for row in item["input_ids"]]

@@ -10,6 +10,9 @@ stops the process just before (or just after) the n-th call of that function and
 (``hold="chainlora.rundir:seal_checkpoint:after:4"``: right after the 4th checkpoint is sealed). Also
 ``file_size_limit``: the process cannot write a file larger than that many bytes (``RLIMIT_FSIZE``; the write
 fails with ``EFBIG``, as a full disk fails it with ``ENOSPC``).
+
+What a resumed run is held to: :func:`assert_same_weights` (its exported weights equal the uninterrupted run's)
+and :func:`assert_finished_clean` (a finished run leaves no temporary file, checkpoint or best state behind).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from chainlora import faults
+
+RUN_WEIGHTS = (("final", "model.safetensors"), ("adapter", "adapter_model.safetensors"))
 
 
 def _install_hold(spec: str, held: str) -> None:
@@ -190,3 +195,27 @@ def run_until_held(argv: Sequence[str], hold: str, *, log: str | None = None, ti
     tail = Path(log).read_text()[-3000:] if log else ""
     assert killed and process.exitcode == -signal.SIGKILL, f"{hold} was not reached:\n{tail}"
     return held
+
+
+def assert_same_weights(
+    run_dir: Path, reference: Path, files: Sequence[tuple[str, str]] = RUN_WEIGHTS[:1]
+) -> None:
+    """The safetensors ``files`` (folder, name) of ``run_dir`` hold the same tensors as ``reference``'s, equal to
+    1e-6 relative (fp32; bit for bit in practice): a killed and resumed run against the uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+
+    for folder, name in files:
+        expected, got = load_file(Path(reference) / folder / name), load_file(Path(run_dir) / folder / name)
+        assert expected.keys() == got.keys(), f"{folder}/{name}: different tensors"
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"{folder}/{key}")
+
+
+def assert_finished_clean(run_dir: Path) -> None:
+    """A finished run: ``metrics.json`` written; no ``.tmp-`` file, no ``checkpoints/`` and no ``best/`` left."""
+    run_dir = Path(run_dir)
+    assert (run_dir / "metrics.json").is_file(), f"{run_dir}: no metrics.json"
+    leftovers = [str(p) for p in run_dir.rglob("*") if p.name.startswith(".tmp-")]
+    assert not leftovers, f"temporary files left: {leftovers}"
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "best").exists()
