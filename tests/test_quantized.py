@@ -202,6 +202,11 @@ def test_three_knots_equal_fp32_reference_on_dequantized_base(model_dirs, scheme
     assert max(abs(a - b) for a, b in zip(losses_q, losses_r, strict=True)) <= TOL
     assert max_diff(logits(model, ids), logits(reference, ids)) <= TOL
     assert {residual(layer).rank for _, layer, _ in lora_layers(model)} == {8 + 4 + 4}
+    # the residual is the only copy of the tied links (the fp32 reference keeps them for its export)
+    assert all(
+        not layer_chain(layer).links and layer_chain(layer).knots == 3 for _, layer, _ in lora_layers(model)
+    )
+    assert all(len(layer_chain(layer).links) == 3 for _, layer, _ in lora_layers(reference))
     assert losses_q[11] < losses_q[2]  # steps 12 and 3 see the same batch: it learns
     # not a vacuous equality: the chain moved the outputs far beyond the tolerance
     plain = load_quantized(path, scheme).train()

@@ -244,7 +244,8 @@ def tie_knot(
     ``precise`` keeps an fp32 master copy of each targeted base weight so repeated merges into bf16/fp16 stay
     exact (default: on when the base weight is not fp32; 4 bytes per targeted weight element of CPU memory,
     see :func:`master_copy`).
-    ``keep_links`` stores each tied link (CPU, fp32) so ``chainlora.export_adapter`` can ship the whole chain.
+    ``keep_links`` stores each tied link (CPU, fp32) so ``chainlora.export_adapter`` can ship the whole chain
+    (not the links folded into a quantized layer's residual: the residual is their exact sum already).
     Never uses PEFT's ``merge_adapter()``, which would switch the LoRA branch off for the next link.
 
     A LoRA layer over a bitsandbytes 4-bit/8-bit base (QLoRA) is tied by ``chainlora.quantized.tie_layer``
@@ -304,7 +305,8 @@ def tie_knot(
                 chain.master_weight = master_copy(weight)
             delta, bias_delta = link_delta(layer, adapter)
             _merge_into_base(layer, delta, bias_delta)
-        if keep_links:
+        in_residual = is_quantized[name] and quantized_merge == "residual"  # the residual holds it exactly
+        if keep_links and not in_residual:
             bias = layer.lora_B[adapter].bias
             chain.links.append(
                 TiedLink(

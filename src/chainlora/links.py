@@ -6,7 +6,8 @@ A knot changes more than the current link's A and B. On every LoRA layer it ties
 * ``master_weight``: the fp32 copy of a half-precision base weight in which the knots accumulate exactly
   (``tie_knot(precise=...)``); on the CPU (it is read only at a knot), or beside an FSDP2 shard;
 * ``links``: every tied link ``s·B·A`` (+ ``s·b``) as a :class:`TiedLink`, whole, fp32, on the CPU
-  (``tie_knot(keep_links=True)``), so that the chain can be exported as one adapter;
+  (``tie_knot(keep_links=True)``), so that the chain can be exported as one adapter; on a quantized base only
+  the links re-quantized into the weight (the residual already holds the others, exactly: no second copy);
 * ``knots``: how many knots this layer has tied;
 * on a bitsandbytes-quantized base (``quantization(layer)`` is ``nf4``, ``fp4`` or ``int8``), which a knot
   never rounds a link into: ``residual``, the frozen low-rank residual beside the quantized weight that the
@@ -18,7 +19,8 @@ Nothing reads or writes that state except through :func:`layer_chain` (one layer
 whole model): ``chain`` writes it at a knot, ``state`` saves and restores it, ``adapter`` exports it,
 ``distributed`` keeps it the same on every process.
 
-Invariants: ``len(links) == knots`` unless knots were tied with ``keep_links=False``; the base weight is
+Invariants: ``len(links) == knots`` unless knots were tied with ``keep_links=False`` or folded into a quantized
+layer's residual; the base weight is
 ``W0 + Σ links`` (rounded to its dtype; exactly ``master_weight`` when there is one); on a quantized base the
 quantized weight is untouched and the residual holds ``Σ links`` (exactly, unless ``max_residual_rank`` capped
 it), or, after ``requantize`` knots, the weight is ``Q(deq(W_q) + Σ links)``.
@@ -56,7 +58,7 @@ class LayerChain:
     """What the knots so far left on one LoRA layer, besides its current link (see the module docstring)."""
 
     master_weight: torch.Tensor | None = None  # fp32, shaped like the base weight; None: no master kept
-    links: list[TiedLink] = field(default_factory=list)  # the tied links, oldest first
+    links: list[TiedLink] = field(default_factory=list)  # the tied links not held by a residual, oldest first
     knots: int = 0  # knots tied on this layer
     # quantized base: its chainlora.quantized.ResidualLinear (layer.base_layer)
     residual: nn.Module | None = None

@@ -570,7 +570,9 @@ def chain_terms(layer: LoraBnbLayer, adapter: str) -> list[TiedLink]:
         terms.append(wrapper.as_link())
     chain = layer_chain(layer)
     if chain.requantized:
-        if len(chain.links) != chain.knots:
+        if (
+            len(chain.links) != chain.knots
+        ):  # one mode per chain (check_layer): every knot re-quantized a link
             raise ChainLoRAError(
                 f"{chain.knots} requantize knot(s) but {len(chain.links)} link(s) kept (keep_links=False?): "
                 "the adapter needs every link"
