@@ -12,6 +12,10 @@ Variants (``--variants``, comma-separated):
                    checkpointing on, loss on every token of a conversation, random batches padded to their longest
                    row, chunked "fused" LM head), except the settings held equal below
     trl:no-gc      the same with ``gradient_checkpointing=False``
+    trl:completion-only   the same objective as chainlora (loss on the answer only): each conversation given to
+                   TRL as a conversational prompt-completion row (``prompt`` = every turn but the last assistant
+                   turn, ``completion`` = that turn), for which TRL's default ``completion_only_loss`` takes the
+                   loss on the completion tokens only; TRL's other defaults unchanged
 
 Held equal: the model (``chainlora.models.load``), the data file (all rows are training rows), LoRA r=8, α=16 on
 q_proj/v_proj (dropout 0), ``--steps`` optimizer steps of ``--batch-size`` examples, precision (``--precision``,
@@ -72,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cola:packed": {"system": "chainlora", "group_by_length": True, "packing": True},
     "trl:default": {"system": "trl", "gradient_checkpointing": None},  # None: TRL's default (on)
     "trl:no-gc": {"system": "trl", "gradient_checkpointing": False},
+    "trl:completion-only": {"system": "trl", "gradient_checkpointing": None, "completion_only": True},
 }
 TARGETS = {"tokens_per_s": 1.3, "peak_memory": 1.0, "knot_share": 0.001}
 CHATML = (
@@ -294,6 +299,10 @@ def run_trl(
     dtype = torch.float32  # the base in fp32, as TRL loads it by default; bf16 is autocast
     model, tokenizer = models.load(model_name, dtype=dtype)
     train_dataset = datasets.load_dataset("json", data_files=str(data), split="train")
+    if spec.get("completion_only"):
+        train_dataset = train_dataset.map(
+            split_last_turn, remove_columns=train_dataset.column_names, load_from_cache_file=False
+        )
     extra: dict[str, Any] = {}
     if spec["gradient_checkpointing"] is not None:
         extra["gradient_checkpointing"] = spec["gradient_checkpointing"]
@@ -332,7 +341,7 @@ def run_trl(
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     result |= {
         "system": "trl",
-        "loss_on": "every token",
+        "loss_on": "last assistant turn" if spec.get("completion_only") else "every token",
         "batches": "random",
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "knots": [],
@@ -346,6 +355,15 @@ def run_trl(
 
 
 # ------------------------------------------------------------------------------------------------- data
+
+
+def split_last_turn(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``messages`` row as TRL's conversational prompt-completion row: the last (assistant) turn is the
+    completion, every turn before it the prompt."""
+    messages = row["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("trl:completion-only needs conversations that end with an assistant turn")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
 def asdiv_messages(path: Path) -> Path:

@@ -126,15 +126,16 @@ def test_sft_vs_trl_quick(tmp_path):
         "sft_vs_trl",
         tmp_path,
         "--variants",
-        "cola:grouped,cola:packed,trl:default",
+        "cola:grouped,cola:packed,trl:default,trl:completion-only",
         "--steps",
         "3",
         "--warmup",
         "1",
     )
     runs, has_trl = saved["variants"], bench.trl_available()
-    assert set(runs) == {"cola:grouped", "cola:packed"} | ({"trl:default"} if has_trl else set())
-    assert saved["skipped"] == ([] if has_trl else ["trl:default"])
+    trl_variants = ["trl:default", "trl:completion-only"]
+    assert set(runs) == {"cola:grouped", "cola:packed"} | (set(trl_variants) if has_trl else set())
+    assert saved["skipped"] == ([] if has_trl else trl_variants)
     measures_rss = bench.benchlib.reset_peak_rss()
     for name, run in runs.items():
         assert run["timed_steps"] == 2 and len(run["step_seconds"]) == 3 and run["tokens_per_s"] > 0
@@ -151,6 +152,14 @@ def test_sft_vs_trl_quick(tmp_path):
         trl = runs["trl:default"]
         assert trl["dataset_tokens"] == packed["dataset_tokens"] and trl["examples"] == packed["examples"]
         assert trl["loss_tokens"] == trl["real_tokens"] and trl["gradient_checkpointing"]
+        answers = runs[
+            "trl:completion-only"
+        ]  # the same conversations, the loss on the answers only, as COLA's
+        assert (
+            answers["dataset_tokens"] == packed["dataset_tokens"]
+            and answers["examples"] == packed["examples"]
+        )
+        assert 0 < answers["loss_tokens"] < answers["real_tokens"] and answers["gradient_checkpointing"]
         assert set(saved["verdicts"]) == {"tokens_per_s", "peak_memory", "knot_share"}
     else:
         assert saved["verdicts"] == {}
