@@ -2,8 +2,8 @@
 
 One COLA chain is trained on a bitsandbytes-quantized base (``--scheme``, fp32 compute; LoRA r=8 on q_proj,
 v_proj; AdamW; the task's training loss) for ``--knots`` links of ``--steps`` steps, each tied into the exact
-residual (``chainlora.tie_knot``; every link is kept). The *same* links are then re-quantized one after another
-into a freshly quantized copy of the base (``chainlora.quantized.requantize_``: dequantize → add → quantize, as
+residual (``chainlora.tie_knot``; each link recorded here before its knot). The *same* links are then
+re-quantized one after another into a freshly quantized copy of the base (``chainlora.quantized.requantize_``: dequantize → add → quantize, as
 the ReLoRA tools merge), so the two models differ by the rounding of the requantize merges alone. Reported:
 
 * per layer and knot, the requantize error ``‖deq(Q(W+Δ)) − (W+Δ)‖ / ‖Δ‖`` (median, max);
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from chainlora import models, quantized, tasks, tie_knot
-from chainlora.links import layer_chain, lora_layers
+from chainlora.links import lora_layers
 
 PREFIX = "base_model.model."
 
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     start = time.perf_counter()
     train_losses = []
+    deltas: dict[
+        str, list[torch.Tensor]
+    ] = {}  # each layer's tied links s·B·A (the residual holds only their sum)
     for link in range(1, args.knots + 1):
         for step in range(args.steps):
             i = ((link - 1) * args.steps + step) * args.batch_size
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             train_losses.append(float(loss.detach()))
+        for layer_name, layer, adapter in lora_layers(model):
+            link_ = layer.scaling[adapter] * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)
+            deltas.setdefault(layer_name, []).append(link_.detach().float().cpu())
         tie_knot(model, optimizer, generator=torch.Generator().manual_seed(args.seed * 1000 + link))
     train_seconds = time.perf_counter() - start
 
@@ -127,10 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     requantized = load_base(folder, args.scheme)
     modules = dict(requantized.named_modules())
     errors: list[list[float]] = [[] for _ in range(args.knots)]
-    for layer_name, layer, _ in lora_layers(model):
+    for layer_name, links in deltas.items():
         bnb_layer = modules[layer_name.removeprefix(PREFIX)]
-        for i, link in enumerate(layer_chain(layer).links):
-            delta = link.scaling * (link.lora_B @ link.lora_A)
+        for i, delta in enumerate(links):
             errors[i].append(quantized.requantize_(bnb_layer, delta).relative_to_update)
     base = load_base(folder, args.scheme)
 

@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,30 @@ class CountingCollator:
         self.fed.append(int(batch["input_ids"].numel()))
         self.loss_tokens.append(int((batch["labels"] != -100).sum()))
         return batch
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Only errors from transformers, TRL, chainlora and datasets, no progress bars; as before on exit (the
+    benchmark also runs inside the test process)."""
+    names = ("transformers", "trl", "chainlora", "datasets")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    bars = datasets is not None and datasets.is_progress_bar_enabled()
+    if datasets is not None:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def trim_heap() -> None:
@@ -536,16 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
         skipped = [v for v in names if VARIANTS[v]["system"] == "trl"]
         names = [v for v in names if v not in skipped]
         print(f"trl is not installed: {', '.join(skipped)} not run", flush=True)
-    for noisy in ("transformers", "trl", "chainlora", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        import datasets
-
-        datasets.disable_progress_bars()
-
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     memory: dict[str, dict[str, Any]] = {}  # peak memory on the heaviest batch an epoch holds
-    with tempfile.TemporaryDirectory(prefix="chainlora-sftbench-") as tmp:
+    with quiet_libraries(), tempfile.TemporaryDirectory(prefix="chainlora-sftbench-") as tmp:
         tmp = Path(tmp)
         if args.quick:
             model = str(tiny_chat_model(tmp / "tiny-chat") if args.model in (None, "tiny") else args.model)

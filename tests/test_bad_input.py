@@ -86,6 +86,7 @@ def test_bad_yaml(text, expected, base, tmp_path, capsys):
         (["--lora.r", "abc"], "lora.r"),
         (["--epochs", "2.5"], "epochs"),
         (["--max_nonfinite_skips", "-1"], "max_nonfinite_skips"),
+        (["--pad_to_multiple_of", "0"], "pad_to_multiple_of"),
         (["--chain.knots", "[8]"], "chain.knots"),  # the run has 8 steps: a knot after the last is no knot
         (["--chain.length", "2", "--chain.ranks", "[8, 0]"], "chain.ranks"),
         (["--lora.r", "64"], "lora.r: rank 64 is larger than layer"),  # tiny model: 32 wide

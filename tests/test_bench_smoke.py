@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def test_sft_vs_trl_quick(tmp_path):
     """chainlora COLA (length-grouped and packed batches) vs TRL's SFTTrainer on a tiny ChatML model and
     examples/data/chat.jsonl: no ../shared, no network. TRL's variant is dropped only where trl is missing."""
     bench = bench_module("sft_vs_trl")
+    chainlora_level = logging.getLogger("chainlora").level
     saved = run_bench(
         "sft_vs_trl",
         tmp_path,
@@ -133,6 +135,7 @@ def test_sft_vs_trl_quick(tmp_path):
         "1",
     )
     runs, has_trl = saved["variants"], bench.trl_available()
+    assert logging.getLogger("chainlora").level == chainlora_level  # its quiet loggers are restored
     trl_variants = ["trl:default", "trl:completion-only"]
     assert set(runs) == {"cola:grouped", "cola:packed"} | (set(trl_variants) if has_trl else set())
     assert saved["skipped"] == ([] if has_trl else trl_variants)

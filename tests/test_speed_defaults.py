@@ -154,7 +154,10 @@ def test_training_batches_pad_to_a_multiple_of_8_only_on_cuda(monkeypatch, tiny_
     from chainlora.recipes.workload import load_workload
 
     assert perf.pad_multiple("cuda") == 8 and perf.pad_multiple("cuda:1") == 8
-    assert perf.pad_multiple("cpu") is None
+    assert (
+        perf.pad_multiple("cpu") is None
+        and perf.pad_multiple("cpu", 128) == perf.pad_multiple("cuda", 128) == 128
+    )
     items = [{"input_ids": [5] * 9, "labels": [1] * 9}, {"input_ids": [5] * 3, "labels": [1] * 3}]
     assert PaddedCollator(0)(items)["input_ids"].shape == (2, 9)
     assert PaddedCollator(0, perf.pad_multiple("cuda"))(items)["input_ids"].shape == (2, 16)
@@ -166,6 +169,10 @@ def test_training_batches_pad_to_a_multiple_of_8_only_on_cuda(monkeypatch, tiny_
             monkeypatch.setattr(perf, "training_device", lambda device=device: torch.device(device))
             _, _, collator, _ = load_workload(config).datasets(tokenizer, config)
             assert collator.pad_to_multiple_of == multiple, (name, device)
+        fixed = TrainConfig(
+            model=str(tiny_llama_dir), data=DataSpec(path=str(root / name)), num_eval=0, pad_to_multiple_of=64
+        )
+        assert load_workload(fixed).datasets(tokenizer, fixed)[2].pad_to_multiple_of == 64
 
 
 def test_attention_is_sdpa_and_scoring_batches_follow_the_device(tiny_llama_dir):

@@ -32,8 +32,8 @@ with made-up capabilities; ``bench/gpu_suite.py`` measures them on a GPU (BENCHM
 * **prefix-batched scoring**: batches are cut where the padding saved outweighs a forward on the CPU (48 tokens,
   measured); full batches elsewhere, not measured (``chainlora.tasks.scoring.default_forward_cost``).
 * **the training device**: CUDA whenever torch sees one (:func:`training_device`).
-* **padded width**: training batches are padded to a multiple of 8 on CUDA (tensor-core tiles), to their longest
-  row elsewhere (:func:`pad_multiple`): on the CPU the rounding only adds tokens (SST-2: 36,992 vs 30,656 tokens
+* **padded width** (``pad_to_multiple_of: null``): training batches are padded to a multiple of 8 on CUDA
+  (tensor-core tiles), to their longest row elsewhere (:func:`pad_multiple`): on the CPU the rounding only adds tokens (SST-2: 36,992 vs 30,656 tokens
   an epoch, §3; chat data: 4 % more than TRL on identical batches, §8).
 
 On every device, training batches are grouped by length (``chainlora.tasks.length_grouped_sampler``, HF's
@@ -113,8 +113,11 @@ def compile_by_default(caps: Capabilities) -> bool:
     return caps.device == "cuda"
 
 
-def pad_multiple(device: str | torch.device) -> int | None:
-    """The multiple training batches are padded to on ``device``: 8 on CUDA, none (the longest row) elsewhere."""
+def pad_multiple(device: str | torch.device, configured: int | None = None) -> int | None:
+    """The multiple training batches are padded to: ``configured`` (``pad_to_multiple_of``) when set, else 8 on
+    CUDA and none (the longest row) elsewhere."""
+    if configured is not None:
+        return configured
     return 8 if torch.device(device).type == "cuda" else None
 
 

@@ -264,6 +264,11 @@ class TrainConfig:
     """Verbalized classification tasks (every option one token after a shared prompt: sst2, rte, cb, boolq,
     wsc, wic, multirc): one row per example instead of one per candidate, the same loss (BENCHMARKS.md §3).
     Other tasks train on the harness's rows whatever this says."""
+    pad_to_multiple_of: int | None = None
+    """Training batches are padded to a multiple of this many tokens. null = auto: 8 on CUDA (tensor-core tiles),
+    the longest row elsewhere, where rounding only adds tokens (chainlora.perf.pad_multiple; BENCHMARKS.md §3,
+    §8). Setting it to max_length gives every batch the same width, e.g. to compare runs on different numbers of
+    processes to float rounding."""
     train_seed: int = 42
     """Seed of LoRA init, dropout and batch order (the harness keeps it at 42 for every sampling seed)."""
 
@@ -352,6 +357,8 @@ class TrainConfig:
         choice("quantize", self.quantize, Quantize)
         if self.save_final is not None and not isinstance(self.save_final, bool):
             raise fail("save_final", f"must be true, false or null, got {self.save_final!r}")
+        if self.pad_to_multiple_of is not None:
+            positive_int("pad_to_multiple_of", self.pad_to_multiple_of)
         for name in ("group_by_length", "shared_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise fail(name, f"must be true or false, got {getattr(self, name)!r}")

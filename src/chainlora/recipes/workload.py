@@ -200,7 +200,7 @@ class TaskWorkload(Workload):
             dev_set = tasks.build_training_dataset(
                 self.task, self.dev, tokenizer, max_length=config.max_length
             )
-        multiple = perf.pad_multiple(perf.training_device())
+        multiple = perf.pad_multiple(perf.training_device(), config.pad_to_multiple_of)
         collator: Callable = tasks.TrainingCollator(tokenizer, pad_to_multiple_of=multiple)
         batching = "rows"
         if config.shared_prompt:
@@ -304,7 +304,7 @@ class SFTWorkload(Workload):
             if records:
                 self._sets[split] = self._encode(split, records, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        multiple = perf.pad_multiple(perf.training_device())
+        multiple = perf.pad_multiple(perf.training_device(), config.pad_to_multiple_of)
         self._collator = (
             userdata.packed_collator() if config.data.packing else userdata.PaddedCollator(pad, multiple)
         )
