@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 from chainlora import models, quantized, tasks, tie_knot
+from chainlora.chain import link_delta
 from chainlora.links import lora_layers
 
 PREFIX = "base_model.model."
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             train_losses.append(float(loss.detach()))
         for layer_name, layer, adapter in lora_layers(model):
-            link_ = layer.scaling[adapter] * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)
-            deltas.setdefault(layer_name, []).append(link_.detach().float().cpu())
+            deltas.setdefault(layer_name, []).append(link_delta(layer, adapter)[0].detach().cpu())
         tie_knot(model, optimizer, generator=torch.Generator().manual_seed(args.seed * 1000 + link))
     train_seconds = time.perf_counter() - start
 
