@@ -104,6 +104,19 @@ def gen(link: int) -> torch.Generator:
     return torch.Generator().manual_seed(1000 + link)
 
 
+def one_knot_into_a_trained_link(
+    path: Path, scheme: str
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A quantized chain with a residual (one trained link tied) and a second trained link; a batch and the
+    chain's logits on it."""
+    model = qlora(path, scheme)
+    perturb(model, seed=1)
+    tie_knot(model, generator=gen(1))
+    perturb(model, seed=2)
+    ids = batch()
+    return model, ids, logits(model, ids)
+
+
 def residual(layer) -> quantized.ResidualLinear:
     wrapper = quantized.residual_of(layer)
     assert wrapper is not None
@@ -314,12 +327,7 @@ def test_export_from_a_checkpoint_equals_export_from_the_model(model_dirs, tmp_p
 
 
 def test_peft_save_pretrained_and_unload_keep_the_chain(model_dirs, tmp_path):
-    model = qlora(model_dirs["llama"], "nf4")
-    perturb(model, seed=1)
-    tie_knot(model, generator=gen(1))
-    perturb(model, seed=2)
-    ids = batch()
-    trained = logits(model, ids)
+    model, ids, trained = one_knot_into_a_trained_link(model_dirs["llama"], "nf4")
     model.save_pretrained(tmp_path / "peft")
     keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert all("lora_" in k for k in keys) and not any("residual" in k for k in keys)
@@ -338,12 +346,7 @@ def test_peft_save_pretrained_and_unload_keep_the_chain(model_dirs, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_dequantized_model(model_dirs, tmp_path, dtype):
-    model = qlora(model_dirs["llama"], "nf4")
-    perturb(model, seed=1)
-    tie_knot(model, generator=gen(1))
-    perturb(model, seed=2)
-    ids = batch()
-    trained = logits(model, ids)
+    model, ids, trained = one_knot_into_a_trained_link(model_dirs["llama"], "nf4")
     exact = {
         n: quantized.dequantize_weight(lay.get_base_layer())
         + residual(lay).delta_weight()
@@ -371,12 +374,7 @@ def test_merged_dequantized_model(model_dirs, tmp_path, dtype):
 
 
 def test_merge_chain_dispatches_to_the_dequantized_merge(model_dirs):
-    model = qlora(model_dirs["llama"], "fp4")
-    perturb(model, seed=1)
-    tie_knot(model, generator=gen(1))
-    perturb(model, seed=2)
-    ids = batch()
-    trained = logits(model, ids)
+    model, ids, trained = one_knot_into_a_trained_link(model_dirs["llama"], "fp4")
     merged = chain.merge_chain(model, dtype=torch.float32)
     assert not any(quantized.quantization(m) for m in merged.modules())
     assert max_diff(trained, logits(merged, ids)) <= TOL
