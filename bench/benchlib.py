@@ -89,11 +89,25 @@ def default_model(args: argparse.Namespace) -> str:
     return "opt-1.3b" if torch.device(args.device).type == "cuda" else "smollm2-135m"
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, *, warmup: int, warmup_help: str) -> None:
+    """The arguments of a benchmark that times LoRA training steps on a fixed random batch and probes their peak
+    memory in fresh subprocesses (``--probe``, hidden): batch shape, LoRA rank, learning rate, warm-up, memory."""
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    parser.add_argument("--memory", choices=("auto", "none"), default="auto")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
+
+
 def probe_argv(args: argparse.Namespace) -> list[str]:
     """The arguments a memory probe (a fresh ``--probe`` subprocess of the same script) shares with its parent:
-    device, batch shape, seed, warm-up, model, layers and threads."""
+    device, batch shape, rank, seed, warm-up, probe steps, model, layers and threads (``add_step_arguments``)."""
     argv = ["--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-    argv += ["--seed", str(args.seed), "--warmup", str(args.warmup), "--model", default_model(args)]
+    argv += ["--rank", str(args.rank), "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    argv += ["--probe-steps", str(args.probe_steps), "--model", default_model(args)]
     if args.layers:
         argv += ["--layers", str(args.layers)]
     if args.threads:

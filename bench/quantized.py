@@ -20,7 +20,6 @@ peak. The residual's size is counted exactly (its buffers), and is what COLA's m
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -109,22 +108,15 @@ def probe(args) -> None:
 
 def forwarded(args, variant: str) -> list[str]:
     argv = [__file__, "--probe", variant, *benchlib.probe_argv(args), "--scheme", args.scheme]
-    return [*argv, "--precision", args.precision, "--knots", str(args.knots), "--rank", str(args.rank)]
+    return [*argv, "--precision", args.precision, "--knots", str(args.knots)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = benchlib.base_parser(__doc__.split("\n")[0])
     parser.add_argument("--scheme", default="nf4", choices=quantized.QUANT_SCHEMES)
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"), help="default: fp32 on CPU")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    benchlib.add_step_arguments(parser, warmup=1, warmup_help="untimed steps per variant")
     parser.add_argument("--knots", type=int, default=3, help="COLA: knots tied before timing (links tied)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    parser.add_argument("--memory", choices=("auto", "none"), default="auto")
-    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"

@@ -34,7 +34,6 @@ MFU against the GPU's datasheet dense bf16 peak (``benchlib.PEAK_TFLOPS_BF16``) 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import subprocess
@@ -251,8 +250,7 @@ def cpu_memory(args, variants: list[Variant]) -> dict[str, dict]:
 
 
 def forwarded_args(args) -> list[str]:
-    argv = [*benchlib.probe_argv(args), "--probe-steps", str(args.probe_steps)]
-    return [*argv, "--knot-every", str(args.knot_every), "--rank", str(args.rank)]
+    return [*benchlib.probe_argv(args), "--knot-every", str(args.knot_every)]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -270,13 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch.compile backend (aot_eager: Dynamo's tracing and guards without inductor's minutes of code "
         "generation on a CPU; a smoke run of the compiled paths)",
     )
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    benchlib.add_step_arguments(parser, warmup=2, warmup_help="untimed steps per variant (compilation)")
     parser.add_argument("--knot-every", type=int, default=2, help="COLA: a knot every this many steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation)")
-    parser.add_argument("--memory", choices=("auto", "none"), default="auto")
     parser.add_argument(
         "--share-base",
         action="store_true",
@@ -289,8 +282,6 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="MFU: side of the square matmul timed as the peak (default 8192 on CUDA, 2048 on CPU, 256 with --quick)",
     )
-    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--probe-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     benchlib.setup(args)
     cuda = torch.device(args.device).type == "cuda"
