@@ -31,6 +31,8 @@ from chainlora.recipes.grid import (
 )
 from chainlora.recipes.report import (
     chain_length_table,
+    end_of_budget_pairs,
+    end_of_budget_table,
     main_table,
     paired_comparisons,
     paired_table,
@@ -499,6 +501,67 @@ def test_cola_runs_tested_before_their_first_knot_are_counted(tmp_path):
         6,
     )  # seed 0 of sst2 and rte
     assert "2 of 6 COLA (L=3, r=8) runs were tested" in paired_table(report, report.groups[0])
+
+
+def test_end_of_budget_pairs_runs_of_equal_lr_and_seed_at_their_last_step(tmp_path):
+    """Whatever step selection picked, COLA and LoRA of the same lr and seed are compared at their last step:
+    the last epoch's mean training loss (steps 9..12 of 12 in 3 epochs), the last dev evaluation."""
+    root = _fabricated_sweep(tmp_path)
+    expected: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
+    for metrics in root.glob("*/*/*/seed*/metrics.json"):
+        task, tag, lr_dir, seed_dir = metrics.parent.relative_to(root).parts
+        if tag == "full":
+            continue
+        seed, lr = int(seed_dir[-1]), float(lr_dir.removeprefix("adamw-lr"))
+        cola = tag.startswith("cola")
+        # LoRA's loss falls to 1.0; COLA's last epoch sits 0.1·(seed+1) higher (seed 2 of rte: lower)
+        offset = (0.1 * (seed + 1) if (task, seed) != ("rte", 2) else -0.05) if cola else 0.0
+        data = json.loads(metrics.read_text())
+        data |= {
+            "train_steps": 12,
+            "epochs": 3,
+            "selected_step": 4,  # the selected state is not what is compared
+            "train_loss": [[s, 2.0 if s <= 8 else 1.0 + offset] for s in range(1, 13)],
+            "dev_history": [
+                {"step": 4, "dev_loss": 9.0, "dev_score": 0.1},
+                {"step": 12, "dev_loss": 0.5 + offset, "dev_score": 0.6 + (0.02 if cola else 0.0)},
+            ],
+        }
+        metrics.write_text(json.dumps(data))
+        if cola:
+            expected.setdefault((task, lr), []).append((offset, offset, 2.0))
+    results = SweepResults.from_sweep(load_sweep(root))
+    ((variant, base, per),) = end_of_budget_pairs(results, results.groups[0])
+    assert variant[0] == "cola" and base[0] == "lora"
+    assert set(per) == set(expected)
+    for key, measures in per.items():
+        diffs = {name: [a - b for a, b in zip(*pair, strict=True)] for name, pair in measures.items()}
+        want = sorted(expected[key])
+        assert sorted(zip(diffs["train_loss"], diffs["dev_loss"], diffs["dev_score"], strict=True)) == [
+            pytest.approx(w) for w in want
+        ]
+    table = end_of_budget_table(results, results.groups[0])
+    assert "| sst2 | 5e-4 | 3 | +0.2000 [" in table  # seeds 0..2: +0.1, +0.2, +0.3
+    assert "lower training loss in 2 of 12 pairs, the higher in 10" in table  # rte seed 2 at both lrs
+    pooled = [0.1, 0.2, 0.3] * 2 + [0.1, 0.2, -0.05] * 2  # COLA − LoRA over both lrs of both tasks
+    interval = stats.ttest_1samp(pooled, 0.0).confidence_interval()
+    assert interval.low > 0
+    assert (
+        f"(mean {sum(pooled) / 12:+.4f}, 95% CI {interval.low:+.4f}..{interval.high:+.4f}): "
+        "the chain fits the training data worse" in table
+    )
+    assert "## At the end of the budget" in write_report(root).read_text()
+
+
+def test_end_of_budget_is_unknown_without_a_last_step_evaluation(tmp_path):
+    root = _fabricated_sweep(tmp_path)
+    results = SweepResults.from_sweep(load_sweep(root))  # the fabricated runs log no losses
+    assert end_of_budget_pairs(results, results.groups[0]) == []
+    assert "## At the end of the budget" not in write_report(root).read_text()
+    run = results.data.results[0]
+    run.metrics |= {"train_steps": 10, "epochs": 2, "dev_history": [{"step": 5, "dev_loss": 1.0}]}
+    end = run.end_of_budget  # no evaluation at step 10, no loss log
+    assert (end.train_loss, end.dev_loss, end.dev_score) == (None, None, None)
 
 
 def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):

@@ -13,6 +13,9 @@
 * **Paired comparison**: COLA and LoRA runs of the same seed draw the same train/dev/test rows, so they are
   paired: per task and overall, the mean difference, wins/losses, a paired t-test (``scipy.stats.ttest_rel``)
   and an exact two-sided sign test (``scipy.stats.binomtest``, ties dropped).
+* **End of the budget**: COLA against LoRA at the same learning rate and seed at their last step, whatever the
+  checkpoint selection picked: last-epoch training loss, dev loss and dev score (``metrics.json``'s
+  ``train_loss`` and ``dev_history``).
 
 The numbers come from ``chainlora.recipes.results`` (each cell's learning rate chosen on dev, never on test;
 the rule is stated in the report), the statistics from ``recipes.stats``, the plots from ``recipes.plots``. This
@@ -296,6 +299,119 @@ def runs_tested_before_first_knot(results: SweepResults, variant: Variant, group
     return early, total
 
 
+END_MEASURES = (
+    ("train_loss", "train loss, last epoch"),
+    ("dev_loss", "dev loss, last step"),
+    ("dev_score", "dev score, last step"),
+)
+
+
+def end_of_budget_pairs(
+    results: SweepResults, group: Group
+) -> list[tuple[Variant, Variant, dict[tuple[str, float], dict[str, tuple[list[float], list[float]]]]]]:
+    """For each COLA variant with a LoRA baseline: per (task, learning rate), each measure of
+    :class:`~chainlora.recipes.results.EndOfBudget` for the two methods on the seeds where both have it (the
+    same learning rate and seed: the same data and, up to the first knot, the same run). Dev scores on the
+    shown scale."""
+    by_key = {(r.task, r.variant, r.group, r.lr, r.seed): r for r in results.data.results}
+    variants = results.variants(group)
+    out = []
+    for v in variants:
+        base = lora_baseline(v, variants)
+        if base is None:
+            continue
+        per: dict[tuple[str, float], dict[str, tuple[list[float], list[float]]]] = {}
+        for (task, variant, g, lr, seed), run in sorted(by_key.items(), key=lambda kv: kv[0][3:]):
+            other = by_key.get((task, base, g, lr, seed))
+            if variant != v or g != group or other is None:
+                continue
+            mine, theirs = run.end_of_budget, other.end_of_budget
+            measures = per.setdefault((task, lr), {name: ([], []) for name, _ in END_MEASURES})
+            for name, _ in END_MEASURES:
+                a, b = getattr(mine, name), getattr(theirs, name)
+                if a is not None and b is not None:
+                    scale = results.scale if name == "dev_score" else 1.0
+                    measures[name][0].append(a * scale)
+                    measures[name][1].append(b * scale)
+        per = {
+            key: measures
+            for key, measures in sorted(
+                per.items(), key=lambda kv: (results.tasks.index(kv[0][0]), -kv[0][1])
+            )
+            if any(a for a, _ in measures.values())
+        }
+        if per:
+            out.append((v, base, per))
+    return out
+
+
+def end_of_budget_table(results: SweepResults, group: Group) -> str:
+    """COLA − LoRA at the last step, at equal learning rate and seed: per (task, lr) and pooled."""
+    blocks = []
+    for v, base, per in end_of_budget_pairs(results, group):
+        pooled = {
+            name: (
+                [x for measures in per.values() for x in measures[name][0]],
+                [y for measures in per.values() for y in measures[name][1]],
+            )
+            for name, _ in END_MEASURES
+        }
+        lines = [
+            f"**{variant_label(v)} − {variant_label(base)}** at the same learning rate and seed "
+            "(mean difference [95% CI]; lower/higher/equal: pairs where COLA's value is below/above/equal to "
+            "LoRA's)",
+            "",
+            _row(
+                [
+                    "Task",
+                    "lr",
+                    "pairs",
+                    *(label for _, label in END_MEASURES),
+                    "train loss lower/higher/equal",
+                ]
+            ),
+            _row(["---", "---:", "---:", "---:", "---:", "---:", "---:"]),
+        ]
+        rows = [((task, format_number(lr)), measures) for (task, lr), measures in per.items()]
+        for (task, lr), measures in [*rows, ((POOLED, "all"), pooled)]:
+            cells, counts = [], "–"
+            for name, _ in END_MEASURES:
+                a, b = measures[name]
+                if not a:
+                    cells.append("–")
+                    continue
+                d = paired_difference(a, b)
+                spec = "+.2f" if name == "dev_score" else "+.4f"
+                ci = f" [{d.low:{spec}}..{d.high:{spec}}]" if d.low is not None and d.high is not None else ""
+                cells.append(f"{d.mean:{spec}}{ci}")
+                if name == "train_loss":
+                    counts = f"{d.losses}/{d.wins}/{d.ties}"
+            n = max(len(measures[name][0]) for name, _ in END_MEASURES)
+            lines.append(_row([task, lr, str(n), *cells, counts]))
+        a, b = pooled["train_loss"]
+        if a:
+            d = paired_difference(a, b)
+            lines += ["", f"**{end_of_budget_verdict(v, base, d)}**"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def end_of_budget_verdict(variant: Variant, base: Variant, d: PairedDifference) -> str:
+    """One plain sentence on the pooled last-epoch training loss (lower is better)."""
+    head = (
+        f"At the end of the budget {variant_label(variant)} had the lower training loss in {d.losses} of {d.n} "
+        f"pairs, the higher in {d.wins} (mean {d.mean:+.4f}"
+    )
+    if d.low is None or d.high is None:
+        return f"{head}; too few pairs for an interval)."
+    head += f", 95% CI {d.low:+.4f}..{d.high:+.4f})"
+    if d.high < 0:
+        return f"{head}: the chain fits the training data better than one link with the same budget here."
+    if d.low > 0:
+        return f"{head}: the chain fits the training data worse than one link with the same budget here."
+    return f"{head}: no difference in fit shown."
+
+
 def lr_table(results: SweepResults) -> str:
     lines = [
         _row(
@@ -409,6 +525,22 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
                 "pairs a p-value above 0.05 means 'not shown', not 'no effect'.",
                 "",
                 paired,
+                "",
+            ]
+        end = end_of_budget_table(results, group)
+        if end:
+            out += [f"## At the end of the budget, COLA vs LoRA (no checkpoint selection){title}", ""]
+            out += [
+                "Checkpoint selection can return a state from before the first knot, where a COLA run *is* the "
+                "LoRA run of its seed. Here each COLA run meets the LoRA run of the same learning rate and seed "
+                "(the same data) at its last step, at every learning rate of the grid: the training loss "
+                "averaged over the last epoch (the paper's Frank-Wolfe view: a chain of links fits better than "
+                "one link within the same budget), and the dev loss and dev score evaluated at the last step. "
+                "Not the test score: the test set is scored only at the selected state. Pairs of one seed "
+                "at different learning rates share their data, so the pooled row's pairs are not independent "
+                "and its interval is indicative only.",
+                "",
+                end,
                 "",
             ]
     out += ["## Learning-rate selection", ""]

@@ -35,6 +35,17 @@ METHOD_ORDER = {"lora": 0, "cola": 1, "full": 2}
 LOWER_IS_BETTER = ("perplexity", "loss")  # metrics a learning rate is chosen to minimise
 
 
+@dataclass(frozen=True)
+class EndOfBudget:
+    """A run at its last optimizer step, whatever its checkpoint selection picked: the training loss averaged
+    over the last epoch's logged steps, and the dev loss and dev score evaluated at the last step (None where
+    ``metrics.json`` does not hold them: no loss log, or no dev evaluation at the last step)."""
+
+    train_loss: float | None
+    dev_loss: float | None
+    dev_score: float | None
+
+
 @dataclass
 class RunResult:
     """One finished run: its place in the grid and what its ``metrics.json`` says."""
@@ -63,6 +74,25 @@ class RunResult:
         if self.dev_score is not None:
             return -self.dev_score if self.metrics.get("metric") in LOWER_IS_BETTER else self.dev_score
         return -self.dev_loss if self.dev_loss is not None else None
+
+    @property
+    def end_of_budget(self) -> EndOfBudget:
+        """The run at its last step (see :class:`EndOfBudget`), from ``train_loss`` and ``dev_history``."""
+        steps, epochs = self.metrics.get("train_steps"), self.metrics.get("epochs")
+        train_loss = None
+        if isinstance(steps, int) and steps > 0 and isinstance(epochs, int | float) and epochs > 0:
+            last_epoch_from = steps - math.ceil(steps / epochs)
+            losses = [
+                _float(entry[1])
+                for entry in self.metrics.get("train_loss") or []
+                if isinstance(entry, list | tuple) and len(entry) == 2 and _float(entry[0]) is not None
+                and _float(entry[0]) > last_epoch_from
+            ]  # fmt: skip
+            finite = [x for x in losses if x is not None]
+            train_loss = statistics.fmean(finite) if finite else None
+        history = [e for e in self.metrics.get("dev_history") or [] if isinstance(e, dict)]
+        last = history[-1] if history and history[-1].get("step") == steps else {}
+        return EndOfBudget(train_loss, _float(last.get("dev_loss")), _float(last.get("dev_score")))
 
     @property
     def variant(self) -> Variant:
