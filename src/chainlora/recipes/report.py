@@ -514,8 +514,8 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
             out += [f"![rank step-down]({_rel(img, relative_to)})", ""]
         paired = paired_table(results, group)
         if paired:
-            out += [f"## Paired comparison, COLA vs LoRA{title}", ""]
-            out += [
+            out += _section(
+                f"## Paired comparison, COLA vs LoRA{title}",
                 "Each seed draws the same train/dev/test rows for every method, so runs of one seed are "
                 "paired. Two-sided paired t-test (`scipy.stats.ttest_rel`) and exact sign test "
                 "(`scipy.stats.binomtest`, ties dropped); the 95% CI of the mean difference is Student's t. "
@@ -523,14 +523,12 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
                 "pairs a paired t-test needs to detect the paper's OPT-1.3B gain on that task (pooled: its mean "
                 "over the 11 tasks) with 80% power, from the sd of the differences measured here. With fewer "
                 "pairs a p-value above 0.05 means 'not shown', not 'no effect'.",
-                "",
                 paired,
-                "",
-            ]
+            )
         end = end_of_budget_table(results, group)
         if end:
-            out += [f"## At the end of the budget, COLA vs LoRA (no checkpoint selection){title}", ""]
-            out += [
+            out += _section(
+                f"## At the end of the budget, COLA vs LoRA (no checkpoint selection){title}",
                 "Checkpoint selection can return a state from before the first knot, where a COLA run *is* the "
                 "LoRA run of its seed. Here each COLA run meets the LoRA run of the same learning rate and seed "
                 "(the same data) at its last step, at every learning rate of the grid: the training loss "
@@ -539,10 +537,8 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
                 "Not the test score: the test set is scored only at the selected state. Pairs of one seed "
                 "at different learning rates share their data, so the pooled row's pairs are not independent "
                 "and its interval is indicative only.",
-                "",
                 end,
-                "",
-            ]
+            )
     out += ["## Learning-rate selection", ""]
     out += [
         "Rule: per cell (task × method × chain length × ranks × optimizer × extra axes), the learning rate "
@@ -617,6 +613,11 @@ def _summary_lines(results: SweepResults) -> list[str]:
         shown = ", ".join(f"`{m}`" for m in missing[:10])
         lines.append(f"- not yet run ({len(missing)}): {shown}" + (" …" if len(missing) > 10 else ""))
     return [*lines, ""]
+
+
+def _section(heading: str, explanation: str, body: str) -> list[str]:
+    """A report section's lines: heading, the paragraph that says how to read it, its table(s)."""
+    return [heading, "", explanation, "", body, ""]
 
 
 def _row(cells: Sequence[str]) -> str:
