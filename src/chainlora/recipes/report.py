@@ -321,12 +321,12 @@ def end_of_budget_pairs(
         if base is None:
             continue
         per: dict[tuple[str, float], dict[str, tuple[list[float], list[float]]]] = {}
-        for (task, variant, g, lr, seed), run in sorted(by_key.items(), key=lambda kv: kv[0][3:]):
-            other = by_key.get((task, base, g, lr, seed))
-            if variant != v or g != group or other is None:
+        for run in sorted(results.data.results, key=lambda r: r.seed):
+            other = by_key.get((run.task, base, group, run.lr, run.seed))
+            if run.variant != v or run.group != group or other is None:
                 continue
             mine, theirs = run.end_of_budget, other.end_of_budget
-            measures = per.setdefault((task, lr), {name: ([], []) for name, _ in END_MEASURES})
+            measures = per.setdefault((run.task, run.lr), {name: ([], []) for name, _ in END_MEASURES})
             for name, _ in END_MEASURES:
                 a, b = getattr(mine, name), getattr(theirs, name)
                 if a is not None and b is not None:
@@ -374,24 +374,25 @@ def end_of_budget_table(results: SweepResults, group: Group) -> str:
         ]
         rows = [((task, format_number(lr)), measures) for (task, lr), measures in per.items()]
         for (task, lr), measures in [*rows, ((POOLED, "all"), pooled)]:
-            cells, counts = [], "–"
+            diffs = {
+                name: paired_difference(*measures[name]) for name, _ in END_MEASURES if measures[name][0]
+            }
+            cells = []
             for name, _ in END_MEASURES:
-                a, b = measures[name]
-                if not a:
-                    cells.append("–")
-                    continue
-                d = paired_difference(a, b)
+                d = diffs.get(name)
                 spec = "+.2f" if name == "dev_score" else "+.4f"
-                ci = f" [{d.low:{spec}}..{d.high:{spec}}]" if d.low is not None and d.high is not None else ""
-                cells.append(f"{d.mean:{spec}}{ci}")
-                if name == "train_loss":
-                    counts = f"{d.losses}/{d.wins}/{d.ties}"
+                ci = (
+                    f" [{d.low:{spec}}..{d.high:{spec}}]"
+                    if d and d.low is not None and d.high is not None
+                    else ""
+                )
+                cells.append(f"{d.mean:{spec}}{ci}" if d else "–")
+            fit = diffs.get("train_loss")
+            counts = f"{fit.losses}/{fit.wins}/{fit.ties}" if fit else "–"
             n = max(len(measures[name][0]) for name, _ in END_MEASURES)
             lines.append(_row([task, lr, str(n), *cells, counts]))
-        a, b = pooled["train_loss"]
-        if a:
-            d = paired_difference(a, b)
-            lines += ["", f"**{end_of_budget_verdict(v, base, d)}**"]
+        if fit:  # the pooled row's: the verdict
+            lines += ["", f"**{end_of_budget_verdict(v, base, fit)}**"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -82,14 +82,14 @@ class RunResult:
         train_loss = None
         if isinstance(steps, int) and steps > 0 and isinstance(epochs, int | float) and epochs > 0:
             last_epoch_from = steps - math.ceil(steps / epochs)
-            losses = [
-                _float(entry[1])
+            last_epoch = [
+                loss
                 for entry in self.metrics.get("train_loss") or []
-                if isinstance(entry, list | tuple) and len(entry) == 2 and _float(entry[0]) is not None
-                and _float(entry[0]) > last_epoch_from
+                if isinstance(entry, list | tuple) and len(entry) == 2
+                and (step := _float(entry[0])) is not None and step > last_epoch_from
+                and (loss := _float(entry[1])) is not None
             ]  # fmt: skip
-            finite = [x for x in losses if x is not None]
-            train_loss = statistics.fmean(finite) if finite else None
+            train_loss = statistics.fmean(last_epoch) if last_epoch else None
         history = [e for e in self.metrics.get("dev_history") or [] if isinstance(e, dict)]
         last = history[-1] if history and history[-1].get("step") == steps else {}
         return EndOfBudget(train_loss, _float(last.get("dev_loss")), _float(last.get("dev_score")))
