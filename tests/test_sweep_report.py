@@ -40,7 +40,7 @@ from chainlora.recipes.report import (
     stepdown_table,
     write_report,
 )
-from chainlora.recipes.results import SweepResults, load_sweep, select_learning_rates
+from chainlora.recipes.results import SweepResults, Variant, load_sweep, lora_baseline, select_learning_rates
 from chainlora.recipes.stats import paired_test
 from chainlora.recipes.sweep import SweepRunner, run_sweep, train_command, worker_env
 from chainlora.rundir import SWEEP_PLAN_FILE as PLAN_FILE
@@ -381,19 +381,21 @@ def test_plan_grows_with_the_grid_but_the_base_config_is_fixed(tmp_path, fake_py
 # ------------------------------------------------------------------------------------------- the report
 
 
-def _fabricate(tmp_path: Path, scores: dict[str, tuple[float, float]], grid: dict) -> Path:
+def _fabricate(
+    tmp_path: Path, scores: dict[str, tuple[float, float]], grid: dict, folder: str = "sw"
+) -> Path:
     """A sweep folder whose plan comes from the real runner and whose metrics.json are given (dev, test)."""
-    cfg = sweep_config_from_dict({"grid": grid, "sweep": {"output_dir": str(tmp_path / "sw")}})
+    cfg = sweep_config_from_dict({"grid": grid, "sweep": {"output_dir": str(tmp_path / folder)}})
     SweepRunner(cfg, echo=lambda m: None).write_plan()
     for name, (dev, test) in scores.items():
-        run = tmp_path / "sw" / name
+        run = tmp_path / folder / name
         run.mkdir(parents=True)
         flops = 6e12 if "-r8-2" in name else 8e12
         (run / "metrics.json").write_text(
             json.dumps({"dev_score": dev, "test_score": test, "train_flops": flops, "train_seconds": 2.0})
         )
         (run / "config.yaml").write_text("selection: dev_loss\n")
-    return tmp_path / "sw"
+    return tmp_path / folder
 
 
 GRID = {
@@ -564,6 +566,54 @@ def test_end_of_budget_is_unknown_without_a_last_step_evaluation(tmp_path):
     assert (end.train_loss, end.dev_loss, end.dev_score) == (None, None, None)
 
 
+def _log_losses(metrics: Path, last_epoch_loss: float) -> None:
+    """Give a fabricated run 12 steps in 3 epochs, the last epoch at ``last_epoch_loss``."""
+    data = json.loads(metrics.read_text())
+    data |= {
+        "train_steps": 12,
+        "epochs": 3,
+        "train_loss": [[s, 2.0 if s <= 8 else last_epoch_loss] for s in range(1, 13)],
+    }
+    metrics.write_text(json.dumps(data))
+
+
+def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
+    """A follow-up sweep (COLA under the jagged schedule, one task, one lr) merged with the main sweep: only the
+    main runs of its task and setting join; the jagged chain is its own variant, paired with linear LoRA."""
+    main = _fabricated_sweep(tmp_path)
+    grid = {**GRID, "task": ["sst2"], "method": ["cola"], "lr_schedule": ["jagged"], "lr": [5e-4]}
+    names = [f"sst2/cola-L3-r8-schedjagged/adamw-lr5e-4/seed{s}" for s in range(3)]
+    control = _fabricate(tmp_path, {n: (0.7, 0.9) for n in names}, grid, folder="control")
+    for metrics in [*control.glob("*/*/*/seed*/metrics.json"), *main.glob("sst2/*/*/seed*/metrics.json")]:
+        tag = metrics.parent.parent.parent.name
+        _log_losses(metrics, {"cola-L3-r8-schedjagged": 0.9, "cola-L3-r8": 1.3}.get(tag, 1.0))
+
+    data = load_sweep(control, merge=[main])
+    assert {r.task for r in data.results} == {"sst2"}  # rte shares no setting with the control
+    assert len(data.results) == 3 + 5 * 3 and data.merged == {str(main): 15}
+    results = SweepResults.from_sweep(data)
+    (group,) = results.groups
+    jagged = Variant("cola", 3, (8,), "jagged")
+    assert results.variants(group) == [
+        Variant("lora", 1, (8,)), Variant("cola", 3, (8,)), jagged, Variant("full", None, None)
+    ]  # fmt: skip
+    assert lora_baseline(jagged, results.variants(group)) == Variant("lora", 1, (8,))
+    pairs = {v: per for v, _, per in end_of_budget_pairs(results, group)}
+    assert set(pairs[jagged]) == {("sst2", 5e-4)}  # the control ran one lr
+    mine, lora = pairs[jagged]["sst2", 5e-4]["train_loss"]
+    assert mine == pytest.approx([0.9] * 3) and lora == pytest.approx([1.0] * 3)
+    assert set(pairs[Variant("cola", 3, (8,))]) == {("sst2", 5e-4), ("sst2", 1e-4)}
+    assert list(results.chain_length_series(group).values()) == [
+        [Variant("lora", 1, (8,)), Variant("cola", 3, (8,))]
+    ]
+
+    text = write_report(control, merge=[main]).read_text()
+    assert "- runs: 3 finished of 3 planned" in text and f"- joined from `{main}`: 15 finished runs" in text
+    assert "COLA (L=3, jagged LR)" in text
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(control, merge=[tmp_path / "nowhere"])
+
+
 def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):
     root = _fabricated_sweep(tmp_path, drop=("sst2/full/adamw-lr1e-5/seed2",))
     text = write_report(root).read_text()
@@ -723,9 +773,9 @@ def test_the_bottom_line_states_the_interval_and_the_power_the_paper_gain_needs(
     cola, lora = [61.0, 64.0, 59.0, 66.0, 60.0], [60.0, 65.0, 57.0, 63.0, 61.0]
     d = paired_difference(cola, lora)
     needed = seeds_for_power(PAPER_MEAN_GAIN, d.sd)
-    line = verdict(("cola", 3, None), ("lora", 1, None), d)
+    line = verdict(Variant("cola", 3, None), Variant("lora", 1, None), d)
     assert f"{d.mean:+.2f} points over 5" in line and f"95% CI {d.low:+.2f}..{d.high:+.2f}" in line
     assert "COLA does not beat LoRA in these runs" in line and f"needs {needed} pairs" in line
     assert power_cell("copa", d) == f"paper +1.00: {seeds_for_power(1.0, d.sd)} (not reached)"
     clear = paired_difference([70.0, 72.0, 71.0], [60.0, 61.0, 60.5])
-    assert "COLA beats LoRA here" in verdict(("cola", 3, None), ("lora", 1, None), clear)
+    assert "COLA beats LoRA here" in verdict(Variant("cola", 3, None), Variant("lora", 1, None), clear)

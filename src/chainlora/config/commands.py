@@ -106,6 +106,9 @@ class ReportConfig:
     """Where the PNG plots go (default: SWEEP_DIR/plots)."""
     percent: bool | None = None
     """Show scores x100 (default: when every score is a fraction in [0, 1])."""
+    merge: list[str] | str = field(default_factory=list)
+    """Other sweep folders (one, or a list: [A,B]) whose finished runs join the report where they share a task
+    and setting with this sweep's runs, e.g. the baselines a follow-up or control sweep is compared with."""
 
 
 @dataclass

@@ -588,10 +588,13 @@ def _summary_lines(results: SweepResults) -> list[str]:
     else:
         lines.append("- learning-rate selection per cell: highest mean dev score over seeds (test not used)")
     n_plan = len(d.planned) or len(d.results)
+    n_merged = sum(d.merged.values())
     lines.append(
-        f"- runs: {len(d.results)} finished of {n_plan} planned, {len(d.failed)} failed, "
+        f"- runs: {len(d.results) - n_merged} finished of {n_plan} planned, {len(d.failed)} failed, "
         f"{len(d.missing) - len(d.failed)} not yet run"
     )
+    for other, count in d.merged.items():
+        lines.append(f"- joined from `{other}`: {count} finished runs of the same tasks and settings")
     secs = [r.train_seconds for r in d.results if r.train_seconds]
     if secs:
         lines.append(
@@ -645,10 +648,12 @@ def write_report(
     plots_dir: str | Path | None = None,
     *,
     percent: bool | None = None,
+    merge: Sequence[str | Path] = (),
 ) -> Path:
     """Write the markdown report (default ``<sweep_dir>/report.md``) and its plots (default
-    ``<sweep_dir>/plots``); return the report's path."""
-    data = load_sweep(sweep_dir)
+    ``<sweep_dir>/plots``), with the runs of the ``merge`` sweeps that share a task and setting; return the
+    report's path."""
+    data = load_sweep(sweep_dir, merge)
     output = Path(output) if output else Path(sweep_dir) / rundir.REPORT_FILE
     plots = Path(plots_dir) if plots_dir else Path(sweep_dir) / rundir.PLOTS_DIR
     text = markdown(SweepResults.from_sweep(data, percent=percent), plots, output.parent)
@@ -660,6 +665,12 @@ def write_report(
 
 def report_command(config: ReportConfig) -> int:
     """``chainlora report``: write the report of ``config.sweep_dir`` and print its path."""
-    path = write_report(config.sweep_dir, config.output, config.plots_dir, percent=config.percent)
+    path = write_report(
+        config.sweep_dir,
+        config.output,
+        config.plots_dir,
+        percent=config.percent,
+        merge=[config.merge] if isinstance(config.merge, str) else config.merge,
+    )
     print(f"report: {path}")
     return 0

@@ -1,6 +1,7 @@
 """A sweep's results: its finished runs, the learning rate chosen per cell on dev, and the per-cell numbers.
 
-    load_sweep(root)              the finished runs (through the sweep's plan when there is one)
+    load_sweep(root, merge=...)   the finished runs (through the sweep's plan when there is one), plus the runs of
+                                  other sweeps that share a task and setting with them (a control's baselines)
     select_learning_rates(runs)   per cell, the learning rate with the highest mean dev score over its seeds
     SweepResults.from_sweep(data) what the report's tables (``recipes.report``) and plots (``recipes.plots``) read
 
@@ -19,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -28,8 +29,23 @@ from chainlora.errors import ConfigError
 from chainlora.recipes.grid import RunSpec, cell_tag, run_name
 from chainlora.recipes.stats import mean_std
 
-Variant = tuple[str, int | None, tuple[int, ...] | None]  # (method, chain length, ranks)
+
+class Variant(NamedTuple):
+    """A row of the tables: a method as trained. ``lr_schedule`` is set only for a schedule that belongs to the
+    method: 'jagged' (the linear decay restarted at every knot) exists only for COLA, so a jagged chain is a
+    variant of its own beside the linear one and the LoRA baseline; other schedules are settings (the group)."""
+
+    method: str
+    chain_length: int | None
+    ranks: tuple[int, ...] | None
+    lr_schedule: str | None = None
+
+
 Group = tuple[str | None, tuple[tuple[str, Any], ...]]  # (optimizer, extra axes)
+SCHEDULE_AXIS = "lr_schedule"
+# 'jagged' is COLA's per-link form of 'linear' (for one link they are the same schedule): runs with either share
+# a group, and the schedule names the variant instead
+LINEAR_FAMILY = ("linear", "jagged")
 Cell = tuple[str, Variant, Group]  # (task, variant, group)
 METHOD_ORDER = {"lora": 0, "cola": 1, "full": 2}
 LOWER_IS_BETTER = ("perplexity", "loss")  # metrics a learning rate is chosen to minimise
@@ -96,11 +112,12 @@ class RunResult:
 
     @property
     def variant(self) -> Variant:
-        return (self.method, self.chain_length, self.ranks)
+        jagged = dict(self.extras).get(SCHEDULE_AXIS) == "jagged"
+        return Variant(self.method, self.chain_length, self.ranks, "jagged" if jagged else None)
 
     @property
     def group(self) -> Group:
-        return (self.optimizer, self.extras)
+        return setting_group(self.optimizer, self.extras)
 
     @property
     def cell(self) -> tuple[str, Variant, Group]:
@@ -200,6 +217,7 @@ class SweepData:
     planned: list[RunSpec]
     state: dict[str, Any]
     plan: dict[str, Any]
+    merged: dict[str, int] = field(default_factory=dict)  # other sweep folder -> runs it added
 
     @property
     def missing(self) -> list[RunSpec]:
@@ -213,8 +231,32 @@ class SweepData:
         return {n: e for n, e in runs.items() if e.get("status") == "failed" and n not in done}
 
 
-def load_sweep(root: str | Path) -> SweepData:
-    """Collect a sweep's finished runs: through its plan when present, else every ``*/metrics.json`` below."""
+def setting_group(optimizer: str | None, extras: Iterable[tuple[str, Any]]) -> Group:
+    """The setting a run belongs to: its optimizer and extra axes, less an ``lr_schedule`` of the linear family
+    (which the variant carries, see :class:`Variant`)."""
+    return (optimizer, tuple((k, v) for k, v in extras if not (k == SCHEDULE_AXIS and v in LINEAR_FAMILY)))
+
+
+def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
+    """Collect a sweep's finished runs: through its plan when present, else every ``*/metrics.json`` below.
+    ``merge``: other sweep folders whose finished runs join where they share a task and setting (group) with a
+    planned or finished run of ``root`` and have no namesake there, e.g. the LoRA and COLA runs a control sweep
+    is compared with (first folder first)."""
+    data = _load_one_sweep(root)
+    cells = {(r.task, r.group) for r in data.results}
+    cells |= {(s.task, setting_group(s.optimizer, s.extras)) for s in data.planned}
+    names = {r.name for r in data.results} | {s.name for s in data.planned}
+    for other in merge:
+        joined = [
+            r for r in _load_one_sweep(other).results if (r.task, r.group) in cells and r.name not in names
+        ]
+        names |= {r.name for r in joined}
+        data.results += joined
+        data.merged[str(other)] = len(joined)
+    return data
+
+
+def _load_one_sweep(root: str | Path) -> SweepData:
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"sweep folder {root} does not exist")
@@ -282,8 +324,8 @@ def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Varia
 
 
 def variant_label(variant: Variant, show_rank: bool = True) -> str:
-    """``LoRA (r=8)``, ``COLA (L=3, r=8)``, ``COLA (L=2, r=8→4)``, ``Full FT``."""
-    method, length, ranks = variant
+    """``LoRA (r=8)``, ``COLA (L=3, r=8)``, ``COLA (L=2, r=8→4)``, ``COLA (L=3, jagged LR)``, ``Full FT``."""
+    method, length, ranks, schedule = variant
     if method == "full":
         return "Full FT"
     rank = ""
@@ -291,17 +333,18 @@ def variant_label(variant: Variant, show_rank: bool = True) -> str:
         rank = "r=" + "→".join(str(r) for r in ranks)
     if method == "lora":
         return f"LoRA ({rank})" if rank else "LoRA"
-    parts = [f"L={length}"] + ([rank] if rank else [])
+    parts = [f"L={length}"] + ([rank] if rank else []) + ([f"{schedule} LR"] if schedule else [])
     return f"COLA ({', '.join(parts)})"
 
 
 def variant_order(variant: Variant) -> tuple:
-    method, length, ranks = variant
+    method, length, ranks, schedule = variant
     return (
         METHOD_ORDER.get(method, 9),
         ranks[0] if ranks else 0,
         length or 0,
         tuple(-r for r in ranks or ()),
+        schedule or "",
     )
 
 
@@ -318,13 +361,13 @@ def group_slug(group: Group) -> str:
 
 
 def lora_baseline(variant: Variant, variants: Iterable[Variant]) -> Variant | None:
-    """The LoRA variant a COLA variant is compared with: same first-link rank (or both unranked)."""
-    method, _, ranks = variant
-    if method != "cola":
+    """The LoRA variant a COLA variant is compared with: same first-link rank (or both unranked); a jagged chain
+    meets LoRA under the linear schedule (one link of it)."""
+    if variant.method != "cola":
         return None
-    want = ranks[:1] if ranks else ranks
+    want = variant.ranks[:1] if variant.ranks else variant.ranks
     for v in variants:
-        if v[0] == "lora" and (v[2] or None) == (want or None):
+        if v.method == "lora" and (v.ranks or None) == (want or None):
             return v
     return None
 
@@ -398,11 +441,12 @@ class SweepResults:
         return len(planned or seeds)
 
     def chain_length_series(self, group: Group) -> dict[tuple[int, ...] | None, list[Variant]]:
-        """Per first-link rank, the single-rank chain variants (LoRA = length 1), when ≥ 2 lengths exist."""
+        """Per first-link rank, the single-rank chain variants (LoRA = length 1) under the group's schedule, when
+        ≥ 2 lengths exist."""
         by_rank: dict[tuple[int, ...] | None, list[Variant]] = defaultdict(list)
         for v in self.variants(group):
-            if v[0] in ("lora", "cola") and not (v[2] and len(v[2]) > 1):
-                by_rank[v[2]].append(v)
+            if v.method in ("lora", "cola") and not (v.ranks and len(v.ranks) > 1) and v.lr_schedule is None:
+                by_rank[v.ranks].append(v)
         return {
             r: sorted(vs, key=lambda v: v[1] or 0) for r, vs in by_rank.items() if len({v[1] for v in vs}) > 1
         }
