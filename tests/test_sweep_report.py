@@ -614,6 +614,28 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
         load_sweep(control, merge=[tmp_path / "nowhere"])
 
 
+def test_runs_without_a_plan_are_placed_by_their_own_config(tmp_path):
+    """A folder of runs with no sweep plan: each run's grid position comes from its config.yaml and metrics.json,
+    and a jagged chain stays apart from the linear one of the same lr and seed."""
+    for tag, schedule, test in (("lora", "linear", 0.6), ("cola", "linear", 0.7), ("cola-j", "jagged", 0.8)):
+        run = tmp_path / "runs" / tag
+        run.mkdir(parents=True)
+        method = tag.split("-")[0]
+        (run / "metrics.json").write_text(json.dumps({"task": "rte", "dev_score": 0.5, "test_score": test}))
+        (run / "config.yaml").write_text(
+            yaml.safe_dump({"method": method, "seed": 1, "lr": 5e-4, "optimizer": "adamw", "lr_schedule": schedule,
+                            "lora": {"r": 8}, "chain": {"length": 3 if method == "cola" else 1}})
+        )  # fmt: skip
+    results = SweepResults.from_sweep(load_sweep(tmp_path / "runs"))
+    scores = {r.variant: (r.name, r.test_score) for r in results.data.results}
+    assert scores == {
+        Variant("lora", 1, (8,)): ("rte/lora-r8/adamw-lr5e-4/seed1", 0.6),
+        Variant("cola", 3, (8,)): ("rte/cola-L3-r8/adamw-lr5e-4/seed1", 0.7),
+        Variant("cola", 3, (8,), "jagged"): ("rte/cola-L3-r8-schedjagged/adamw-lr5e-4/seed1", 0.8),
+    }
+    assert len(results.groups) == 1
+
+
 def test_report_marks_missing_seeds_and_lists_unfinished_runs(tmp_path):
     root = _fabricated_sweep(tmp_path, drop=("sst2/full/adamw-lr1e-5/seed2",))
     text = write_report(root).read_text()

@@ -194,7 +194,9 @@ def spec_from_run_dir(run_dir: Path) -> RunSpec:
         raise ConfigError(f"{run_dir}: no learning rate in config.yaml or metrics.json")
     seed = int(metrics.get("seed", config.get("seed", 0)))
     task = str(metrics.get("task") or config.get("task"))
-    name = run_name(task, method, length, ranks, optimizer, lr, seed)
+    jagged = config.get("lr_schedule") == "jagged"  # a COLA variant of its own (see Variant)
+    extras: tuple[tuple[str, Any], ...] = (("lr_schedule", "jagged"),) if jagged else ()
+    name = run_name(task, method, length, ranks, optimizer, lr, seed, extras)
     return RunSpec(
         name=name,
         cell=name.rsplit("/", 2)[0] + f"/{optimizer}",
@@ -205,6 +207,7 @@ def spec_from_run_dir(run_dir: Path) -> RunSpec:
         optimizer=optimizer,
         lr=lr,
         seed=seed,
+        extras=extras,
     )
 
 
