@@ -587,6 +587,10 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     for metrics in [*control.glob("*/*/*/seed*/metrics.json"), *main.glob("sst2/*/*/seed*/metrics.json")]:
         tag = metrics.parent.parent.parent.name
         _log_losses(metrics, {"cola-L3-r8-schedjagged": 0.9, "cola-L3-r8": 1.3}.get(tag, 1.0))
+    for metrics in control.glob("*/*/*/seed*/metrics.json"):  # every jagged run tested before its first knot
+        metrics.write_text(
+            json.dumps(json.loads(metrics.read_text()) | {"knots": [{"step": 8}], "selected_step": 4})
+        )
 
     data = load_sweep(control, merge=[main])
     assert {r.task for r in data.results} == {"sst2"}  # rte shares no setting with the control
@@ -610,6 +614,10 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     text = write_report(control, merge=[main]).read_text()
     assert "- runs: 3 finished of 3 planned" in text and f"- joined from `{main}`: 15 finished runs" in text
     assert "COLA (L=3, jagged LR)" in text
+    assert (
+        "3 of 3 COLA (L=3, r=8, jagged LR) runs were tested at a state from before their first knot" in text
+    )
+    assert "decays to 0 at the knot (the jagged schedule), so not the LoRA run's state" in text
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(control, merge=[tmp_path / "nowhere"])
 

@@ -258,8 +258,14 @@ def paired_table(results: SweepResults, group: Group) -> str:
             lines += [
                 "",
                 f"{early} of {total} {variant_label(v)} runs were tested at a state from before their first "
-                "knot (checkpoint selection picked an early epoch): a single trained link, the very state "
-                "of the LoRA run with the same seeds, so such a pair differs only through the epoch chosen.",
+                "knot (checkpoint selection picked an early epoch): a single trained link, "
+                + (
+                    "under a learning rate that decays to 0 at the knot (the jagged schedule), so not the "
+                    "LoRA run's state, though no chain either."
+                    if v.lr_schedule == "jagged"
+                    else "the very state of the LoRA run with the same seeds, so such a pair differs only "
+                    "through the epoch chosen."
+                ),
             ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
