@@ -195,7 +195,7 @@ def spec_from_run_dir(run_dir: Path) -> RunSpec:
     seed = int(metrics.get("seed", config.get("seed", 0)))
     task = str(metrics.get("task") or config.get("task"))
     jagged = config.get("lr_schedule") == "jagged"  # a COLA variant of its own (see Variant)
-    extras: tuple[tuple[str, Any], ...] = (("lr_schedule", "jagged"),) if jagged else ()
+    extras: tuple[tuple[str, Any], ...] = ((SCHEDULE_AXIS, "jagged"),) if jagged else ()
     name = run_name(task, method, length, ranks, optimizer, lr, seed, extras)
     return RunSpec(
         name=name,
