@@ -382,10 +382,15 @@ def test_plan_grows_with_the_grid_but_the_base_config_is_fixed(tmp_path, fake_py
 
 
 def _fabricate(
-    tmp_path: Path, scores: dict[str, tuple[float, float]], grid: dict, folder: str = "sw"
+    tmp_path: Path,
+    scores: dict[str, tuple[float, float]],
+    grid: dict,
+    folder: str = "sw",
+    base: dict | None = None,
 ) -> Path:
     """A sweep folder whose plan comes from the real runner and whose metrics.json are given (dev, test)."""
-    cfg = sweep_config_from_dict({"grid": grid, "sweep": {"output_dir": str(tmp_path / folder)}})
+    spec = {"base": base or {}, "grid": grid, "sweep": {"output_dir": str(tmp_path / folder)}}
+    cfg = sweep_config_from_dict(spec)
     SweepRunner(cfg, echo=lambda m: None).write_plan()
     for name, (dev, test) in scores.items():
         run = tmp_path / folder / name
@@ -583,7 +588,9 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     main = _fabricated_sweep(tmp_path)
     grid = {**GRID, "task": ["sst2"], "method": ["cola"], "lr_schedule": ["jagged"], "lr": [5e-4]}
     names = [f"sst2/cola-L3-r8-schedjagged/adamw-lr5e-4/seed{s}" for s in range(3)]
-    control = _fabricate(tmp_path, {n: (0.7, 0.9) for n in names}, grid, folder="control")
+    control = _fabricate(
+        tmp_path, {n: (0.7, 0.9) for n in names}, grid, folder="control", base={"warmup": 0.2}
+    )
     for metrics in [*control.glob("*/*/*/seed*/metrics.json"), *main.glob("sst2/*/*/seed*/metrics.json")]:
         tag = metrics.parent.parent.parent.name
         _log_losses(metrics, {"cola-L3-r8-schedjagged": 0.9, "cola-L3-r8": 1.3}.get(tag, 1.0))
@@ -594,7 +601,7 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
 
     data = load_sweep(control, merge=[main])
     assert {r.task for r in data.results} == {"sst2"}  # rte shares no setting with the control
-    assert len(data.results) == 3 + 5 * 3 and data.merged == {str(main): 15}
+    assert len(data.results) == 3 + 5 * 3 and [(j.root, j.runs) for j in data.merged] == [(str(main), 15)]
     results = SweepResults.from_sweep(data)
     (group,) = results.groups
     jagged = Variant("cola", 3, (8,), "jagged")
@@ -612,7 +619,11 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     ]
 
     text = write_report(control, merge=[main]).read_text()
-    assert "- runs: 3 finished of 3 planned" in text and f"- joined from `{main}`: 15 finished runs" in text
+    assert "- runs: 3 finished of 3 planned" in text
+    assert (
+        f"- joined from `{main}`: 15 finished runs of the same tasks and settings; **the two sweeps' base "
+        "settings differ**: warmup = 0.2 here, default there"
+    ) in text
     assert "COLA (L=3, jagged LR)" in text
     assert (
         "3 of 3 COLA (L=3, r=8, jagged LR) runs were tested at a state from before their first knot" in text

@@ -580,6 +580,8 @@ def _summary_lines(results: SweepResults) -> list[str]:
         "epochs",
         "batch_size",
         "precision",
+        "lr_schedule",
+        "warmup",
     )
     settings = ", ".join(f"{k} = {base[k]}" for k in keys if k in base)
     if settings:
@@ -594,13 +596,20 @@ def _summary_lines(results: SweepResults) -> list[str]:
     else:
         lines.append("- learning-rate selection per cell: highest mean dev score over seeds (test not used)")
     n_plan = len(d.planned) or len(d.results)
-    n_merged = sum(d.merged.values())
+    n_merged = sum(j.runs for j in d.merged)
     lines.append(
         f"- runs: {len(d.results) - n_merged} finished of {n_plan} planned, {len(d.failed)} failed, "
         f"{len(d.missing) - len(d.failed)} not yet run"
     )
-    for other, count in d.merged.items():
-        lines.append(f"- joined from `{other}`: {count} finished runs of the same tasks and settings")
+    for j in d.merged:
+        differ = "; ".join(
+            f"{k} = {'default' if mine is None else mine} here, {'default' if theirs is None else theirs} there"
+            for k, (mine, theirs) in j.base_differences.items()
+        )
+        lines.append(
+            f"- joined from `{j.root}`: {j.runs} finished runs of the same tasks and settings"
+            + (f"; **the two sweeps' base settings differ**: {differ}" if differ else "")
+        )
     secs = [r.train_seconds for r in d.results if r.train_seconds]
     if secs:
         lines.append(

@@ -211,6 +211,16 @@ def spec_from_run_dir(run_dir: Path) -> RunSpec:
     )
 
 
+@dataclass(frozen=True)
+class JoinedSweep:
+    """Runs another sweep folder added to a sweep's report (``merge`` of :func:`load_sweep`), and the settings
+    in which the two sweeps' ``base`` blocks differ: key -> (this sweep's value, theirs; None = the default)."""
+
+    root: str
+    runs: int
+    base_differences: dict[str, tuple[Any, Any]]
+
+
 @dataclass
 class SweepData:
     """Everything the report needs: finished runs, the plan (when the sweep wrote one) and the run states."""
@@ -220,7 +230,7 @@ class SweepData:
     planned: list[RunSpec]
     state: dict[str, Any]
     plan: dict[str, Any]
-    merged: dict[str, int] = field(default_factory=dict)  # other sweep folder -> runs it added
+    merged: list[JoinedSweep] = field(default_factory=list)  # other sweep folders whose runs joined
 
     @property
     def missing(self) -> list[RunSpec]:
@@ -249,13 +259,17 @@ def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
     cells = {(r.task, r.group) for r in data.results}
     cells |= {(s.task, setting_group(s.optimizer, s.extras)) for s in data.planned}
     names = {r.name for r in data.results} | {s.name for s in data.planned}
+    base = data.plan.get("base") or {}
     for other in merge:
-        joined = [
-            r for r in _load_one_sweep(other).results if (r.task, r.group) in cells and r.name not in names
-        ]
+        other_data = _load_one_sweep(other)
+        joined = [r for r in other_data.results if (r.task, r.group) in cells and r.name not in names]
         names |= {r.name for r in joined}
         data.results += joined
-        data.merged[str(other)] = len(joined)
+        theirs = other_data.plan.get("base") or {}
+        differences = {
+            k: (base.get(k), theirs.get(k)) for k in sorted({*base, *theirs}) if base.get(k) != theirs.get(k)
+        }
+        data.merged.append(JoinedSweep(str(other), len(joined), differences))
     return data
 
 
