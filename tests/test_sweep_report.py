@@ -510,6 +510,18 @@ def test_cola_runs_tested_before_their_first_knot_are_counted(tmp_path):
     assert "2 of 6 COLA (L=3, r=8) runs were tested" in paired_table(report, report.groups[0])
 
 
+def _log_losses(metrics: Path, last_epoch_loss: float, **fields: object) -> None:
+    """Give a fabricated run 12 steps in 3 epochs, the last epoch at ``last_epoch_loss`` (and ``fields``)."""
+    data = json.loads(metrics.read_text())
+    data |= {
+        "train_steps": 12,
+        "epochs": 3,
+        "train_loss": [[s, 2.0 if s <= 8 else last_epoch_loss] for s in range(1, 13)],
+        **fields,
+    }
+    metrics.write_text(json.dumps(data))
+
+
 def test_end_of_budget_pairs_runs_of_equal_lr_and_seed_at_their_last_step(tmp_path):
     """Whatever step selection picked, COLA and LoRA of the same lr and seed are compared at their last step:
     the last epoch's mean training loss (steps 9..12 of 12 in 3 epochs), the last dev evaluation."""
@@ -523,18 +535,15 @@ def test_end_of_budget_pairs_runs_of_equal_lr_and_seed_at_their_last_step(tmp_pa
         cola = tag.startswith("cola")
         # LoRA's loss falls to 1.0; COLA's last epoch sits 0.1·(seed+1) higher (seed 2 of rte: lower)
         offset = (0.1 * (seed + 1) if (task, seed) != ("rte", 2) else -0.05) if cola else 0.0
-        data = json.loads(metrics.read_text())
-        data |= {
-            "train_steps": 12,
-            "epochs": 3,
-            "selected_step": 4,  # the selected state is not what is compared
-            "train_loss": [[s, 2.0 if s <= 8 else 1.0 + offset] for s in range(1, 13)],
-            "dev_history": [
+        _log_losses(
+            metrics,
+            1.0 + offset,
+            selected_step=4,  # the selected state is not what is compared
+            dev_history=[
                 {"step": 4, "dev_loss": 9.0, "dev_score": 0.1},
                 {"step": 12, "dev_loss": 0.5 + offset, "dev_score": 0.6 + (0.02 if cola else 0.0)},
             ],
-        }
-        metrics.write_text(json.dumps(data))
+        )
         if cola:
             expected.setdefault((task, lr), []).append((offset, offset, 2.0))
     results = SweepResults.from_sweep(load_sweep(root))
@@ -571,17 +580,6 @@ def test_end_of_budget_is_unknown_without_a_last_step_evaluation(tmp_path):
     assert (end.train_loss, end.dev_loss, end.dev_score) == (None, None, None)
 
 
-def _log_losses(metrics: Path, last_epoch_loss: float) -> None:
-    """Give a fabricated run 12 steps in 3 epochs, the last epoch at ``last_epoch_loss``."""
-    data = json.loads(metrics.read_text())
-    data |= {
-        "train_steps": 12,
-        "epochs": 3,
-        "train_loss": [[s, 2.0 if s <= 8 else last_epoch_loss] for s in range(1, 13)],
-    }
-    metrics.write_text(json.dumps(data))
-
-
 def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     """A follow-up sweep (COLA under the jagged schedule, one task, one lr) merged with the main sweep: only the
     main runs of its task and setting join; the jagged chain is its own variant, paired with linear LoRA."""
@@ -593,11 +591,9 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     )
     for metrics in [*control.glob("*/*/*/seed*/metrics.json"), *main.glob("sst2/*/*/seed*/metrics.json")]:
         tag = metrics.parent.parent.parent.name
-        _log_losses(metrics, {"cola-L3-r8-schedjagged": 0.9, "cola-L3-r8": 1.3}.get(tag, 1.0))
-    for metrics in control.glob("*/*/*/seed*/metrics.json"):  # every jagged run tested before its first knot
-        metrics.write_text(
-            json.dumps(json.loads(metrics.read_text()) | {"knots": [{"step": 8}], "selected_step": 4})
-        )
+        # every jagged run is tested before its first knot
+        knots = {"knots": [{"step": 8}], "selected_step": 4} if metrics.is_relative_to(control) else {}
+        _log_losses(metrics, {"cola-L3-r8-schedjagged": 0.9, "cola-L3-r8": 1.3}.get(tag, 1.0), **knots)
 
     data = load_sweep(control, merge=[main])
     assert {r.task for r in data.results} == {"sst2"}  # rte shares no setting with the control

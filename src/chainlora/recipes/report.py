@@ -613,7 +613,8 @@ def _summary_lines(results: SweepResults) -> list[str]:
     secs = [r.train_seconds for r in d.results if r.train_seconds]
     if secs:
         lines.append(
-            f"- total train time over finished runs: {sum(secs) / 60:.1f} min (sum of `train_seconds`)"
+            f"- total train time over finished runs: {sum(secs) / 60:.1f} min (sum of `train_seconds`"
+            + (f", the {n_merged} joined runs included)" if n_merged else ")")
         )
     invocations = d.state.get("invocations", [])
     walls = [i.get("wall_seconds") for i in invocations if i.get("wall_seconds")]
