@@ -627,6 +627,14 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     assert "decays to 0 at the knot (the jagged schedule), so not the LoRA run's state" in text
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(control, merge=[tmp_path / "nowhere"])
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / PLAN_FILE).write_bytes(b"\xff\xfe{not json")  # not UTF-8
+    with pytest.raises(ConfigError, match=f"{PLAN_FILE}: unreadable"):
+        load_sweep(control, merge=[damaged])
+    for path in control.glob("*/*/*/seed*/config.yaml"):  # a run's damaged config reads as absent
+        path.write_bytes(b"\xff\xfe: [")
+    assert len(load_sweep(control).results) == 3
 
 
 def test_runs_without_a_plan_are_placed_by_their_own_config(tmp_path):

@@ -135,7 +135,7 @@ def _float(value: Any) -> float | None:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
@@ -148,7 +148,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML: as if absent
         return {}
     return data if isinstance(data, dict) else {}
 
