@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 from chainlora import ChainOfLoRACallback, ChainSchedule
+from chainlora.errors import ConfigError
 from chainlora.links import lora_layers
 from chainlora.state import CHAIN_STATE_FILE
 from chainlora.testing import tiny_causal_lm, tiny_chain_trainer
@@ -14,8 +16,11 @@ from chainlora.testing import tiny_causal_lm, tiny_chain_trainer
 TOTAL_STEPS = 6
 
 
-def make_trainer(arch: str, output_dir, schedule: ChainSchedule) -> tuple[Trainer, ChainOfLoRACallback]:
-    return tiny_chain_trainer(output_dir, schedule, arch=arch, rank=schedule.rank_of_link(1) or 8)
+def make_trainer(
+    arch: str, output_dir, schedule: ChainSchedule, optimizer_reset: float = 1.0
+) -> tuple[Trainer, ChainOfLoRACallback]:
+    rank = schedule.rank_of_link(1) or 8
+    return tiny_chain_trainer(output_dir, schedule, arch=arch, rank=rank, optimizer_reset=optimizer_reset)
 
 
 def final_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -45,6 +50,36 @@ def test_knots_at_scheduled_steps_and_resume_mid_chain_is_exact(tmp_path):
         after_resume = final_weights(resumed)
         for key, value in uninterrupted.items():
             torch.testing.assert_close(after_resume[key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_a_chain_that_keeps_pruned_optimizer_state_resumes_exactly(tmp_path):
+    """optimizer_reset 0.9 (ReLoRA's pruning): each knot zeroes 90% of the links' moments and keeps the rest, and
+    the checkpoint after a knot holds that pruned state, so resuming there continues the very same run."""
+    schedule = ChainSchedule((2, 4), TOTAL_STEPS)
+    trainer, callback = make_trainer("llama", tmp_path / "full", schedule, optimizer_reset=0.9)
+    trainer.train()
+    zeroed = [k.optimizer_state_zeroed for k in callback.knots]
+    assert len(zeroed) == 2 and all(0.89 < z < 0.91 for z in zeroed), zeroed
+    logged = [e["optimizer_state_zeroed"] for e in trainer.state.log_history if "knot" in e]
+    assert logged == zeroed
+    uninterrupted = final_weights(trainer)
+    resumed, _ = make_trainer("llama", tmp_path / "full", schedule, optimizer_reset=0.9)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for key, value in final_weights(resumed).items():
+        torch.testing.assert_close(value, uninterrupted[key], atol=1e-6, rtol=1e-6, msg=key)
+    # and it is another run than the paper's full reset
+    paper, _ = make_trainer("llama", tmp_path / "paper", schedule)
+    paper.train()
+    assert any(not torch.equal(w, uninterrupted[k]) for k, w in final_weights(paper).items())
+
+
+def test_keeping_optimizer_state_across_a_rank_change_is_refused_before_the_first_step(tmp_path):
+    trainer, _ = make_trainer(
+        "llama", tmp_path / "run", ChainSchedule((2,), 4, ranks=(8, 4)), optimizer_reset=0.5
+    )
+    with pytest.raises(ConfigError, match=r"optimizer_reset 0\.5 keeps optimizer state across a knot"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_callback_inside_trl_sft_trainer(tmp_path, tokenizer):

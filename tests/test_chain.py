@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -113,6 +114,83 @@ def test_first_step_after_knot_equals_a_fresh_optimizer_step(tokenizer):
     for p_fresh, p, p0 in zip(fresh.param_groups[0]["params"], adapter_params(model), start, strict=True):
         assert not torch.equal(p, p0)
         assert torch.allclose(p_fresh, p, atol=1e-7)
+
+
+def adam_moments(optimizer, params) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in optimizer.state[p].items()} for p in params]
+
+
+def test_partial_optimizer_reset_zeroes_the_smallest_moments_and_keeps_the_step(tiny_model, tokenizer):
+    """ReLoRA's magnitude pruning: 90% of every moment zeroed, smallest first; the rest and the step count kept."""
+    model = lora(tiny_model)
+    params = adapter_params(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    inputs = batch(tokenizer)
+    train_steps(model, optimizer, inputs, 3)
+    before_state = adam_moments(optimizer, params)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    record = tie_knot(model, optimizer, optimizer_reset=0.9)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-6, rtol=0)  # still function-preserving
+    zeroed = total = 0
+    for p, old in zip(params, before_state, strict=True):
+        state = optimizer.state[p]
+        assert torch.equal(state["step"], old["step"])  # bias correction continues
+        for key in ("exp_avg", "exp_avg_sq"):
+            kept = state[key] != 0
+            keep_count = old[key].numel() - round(0.9 * old[key].numel())
+            assert int(kept.sum()) == keep_count  # no ties among these continuous values
+            assert torch.equal(state[key][kept], old[key][kept])  # survivors untouched
+            if keep_count:  # every survivor is at least as large as every entry zeroed
+                assert old[key].abs()[kept].min() >= old[key].abs()[~kept].max()
+            zeroed += int((~kept).sum())
+            total += old[key].numel()
+    assert record.optimizer_state_zeroed == pytest.approx(zeroed / total)
+    assert 0.89 < record.optimizer_state_zeroed < 0.91
+
+
+def test_optimizer_reset_zero_keeps_the_state_and_one_clears_it(tiny_model, tokenizer):
+    model = lora(tiny_model)
+    params = adapter_params(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    inputs = batch(tokenizer)
+    train_steps(model, optimizer, inputs, 2)
+    before_state = adam_moments(optimizer, params)
+    record = tie_knot(model, optimizer, optimizer_reset=0.0)
+    assert record.optimizer_state_zeroed == 0.0
+    for p, old in zip(params, before_state, strict=True):
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in old.items())
+    train_steps(model, optimizer, inputs, 1)
+    assert tie_knot(model, optimizer).optimizer_state_zeroed == 1.0 and len(optimizer.state) == 0
+    assert tie_knot(model, optimizer).optimizer_state_zeroed is None  # no step since: nothing to reset
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer_reset": 1.5}, "optimizer_reset must be a number in [0, 1], got 1.5"),
+        ({"optimizer_reset": -0.1}, "optimizer_reset must be a number in [0, 1]"),
+        ({"optimizer_reset": 0.5, "rank": 4}, "a rank change cannot"),
+        ({"optimizer_reset": 0.0, "rank": 4}, "a rank change cannot"),
+    ],
+)
+def test_optimizer_reset_that_cannot_apply_is_refused_with_the_model_untouched(
+    tiny_model, tokenizer, kwargs, message
+):
+    model = lora(tiny_model, r=8)
+    optimizer = torch.optim.AdamW(adapter_params(model), lr=1e-2)
+    train_steps(model, optimizer, batch(tokenizer), 1)
+    weights = base_weights(model)
+    state = adam_moments(optimizer, adapter_params(model))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tie_knot(model, optimizer, **kwargs)
+    assert all(torch.equal(weights[n], w) for n, w in base_weights(model).items())
+    assert all(
+        torch.equal(a["exp_avg"], b["exp_avg"])
+        for a, b in zip(adam_moments(optimizer, adapter_params(model)), state, strict=True)
+    )
+    tie_knot(model, optimizer, optimizer_reset=0.5, rank=8)  # the same rank is no change
 
 
 def test_rank_step_down_mid_training_with_same_optimizer(tiny_model, tokenizer):

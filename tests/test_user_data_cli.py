@@ -209,6 +209,54 @@ def test_bad_compare_options_are_one_line(chat_model, tmp_path, capsys, argv, ex
     assert not out.exists()
 
 
+def test_a_chain_that_prunes_its_optimizer_state_records_what_each_knot_zeroed(chat_model, tmp_path):
+    """``--chain.optimizer_reset 0.9`` (ReLoRA's pruning) on your own data: every knot zeroes 90% of the links'
+    optimizer state, and metrics.json says so per knot; the paper's default clears it all (1.0)."""
+    text = ["--data", str(EXAMPLES / "text.jsonl"), "--method", "cola", "--chain.length", "3"]
+    pruned = train(chat_model, tmp_path / "pruned", *text, "--chain.optimizer_reset", "0.9")
+    zeroed = [k["optimizer_state_zeroed"] for k in pruned["knots"]]
+    assert len(zeroed) == 2 and all(0.89 < z < 0.91 for z in zeroed), zeroed
+    paper = train(chat_model, tmp_path / "paper", *text)
+    assert [k["optimizer_state_zeroed"] for k in paper["knots"]] == [1.0, 1.0]
+    assert paper["train_loss"][-1] != pruned["train_loss"][-1]  # another run from the first knot on
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--chain.optimizer_reset", "1.5"], "chain.optimizer_reset: must be >= 0.0 and <= 1.0, got 1.5"),
+        (["--chain.optimizer_reset", "lots"], "chain.optimizer_reset"),
+        (["--method", "lora", "--chain.optimizer_reset", "0.5"], "chain.optimizer_reset: acts at knots"),
+        (
+            ["--chain.length", "2", "--chain.ranks", "[8, 4]", "--chain.optimizer_reset", "0"],
+            "which a rank change cannot",
+        ),
+        (
+            ["--chain.knots", "auto", "--chain.auto.rank_rule", "halve", "--chain.optimizer_reset", "0.9"],
+            "which a rank change cannot",
+        ),
+    ],
+)
+def test_an_optimizer_reset_that_cannot_apply_is_one_line(chat_model, tmp_path, capsys, argv, expected):
+    out = tmp_path / "run"
+    argv = ["--method", "cola", *argv]  # a later --method wins
+    code = main(
+        [
+            "train",
+            "--model",
+            str(chat_model),
+            "--data",
+            str(EXAMPLES / "text.jsonl"),
+            "--output_dir",
+            str(out),
+            *argv,
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    assert not out.exists()
+
+
 def test_bad_data_for_compare_is_refused_before_any_run(chat_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')

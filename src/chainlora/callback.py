@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from chainlora import distributed, quantized
-from chainlora.chain import Init, KnotError, KnotRecord, tie_knot
+from chainlora.chain import Init, KnotError, KnotRecord, check_optimizer_reset, tie_knot
 from chainlora.errors import ConfigError
 from chainlora.faults import maybe_crash
 from chainlora.io import write_json_atomic
@@ -53,8 +53,11 @@ class ChainOfLoRACallback(TrainerCallback):
 
     ``seed`` (default: the Trainer's ``args.seed``) seeds each new link's A; ``precise`` and
     ``max_relative_delta`` are passed to ``tie_knot``, and so are ``quantized_merge`` and ``max_residual_rank``
-    (QLoRA: LoRA layers over a bitsandbytes base). ``knots`` lists the knots tied so far (restored on resume). Several processes (DDP, FSDP2): every process ties the same knot; a rank change, FSDP1 or DeepSpeed
-    is refused in ``on_train_begin`` (see ``chainlora.distributed``).
+    (QLoRA: LoRA layers over a bitsandbytes base), and ``optimizer_reset`` (1.0: the paper's full reset of the
+    links' optimizer state; < 1 zeroes only that fraction, smallest magnitudes first; 0.0 keeps it). ``knots``
+    lists the knots tied so far (restored on resume). Several processes (DDP, FSDP2): every process ties the same
+    knot; a rank change, FSDP1 or DeepSpeed is refused in ``on_train_begin`` (see ``chainlora.distributed``), and
+    so is an ``optimizer_reset`` below 1 with a rank change still to come.
     """
 
     def __init__(
@@ -67,8 +70,11 @@ class ChainOfLoRACallback(TrainerCallback):
         max_relative_delta: float | None = None,
         quantized_merge: str = "residual",
         max_residual_rank: int | None = None,
+        optimizer_reset: float = 1.0,
     ) -> None:
         quantized.check_merge_options(quantized_merge, max_residual_rank)
+        check_optimizer_reset(optimizer_reset)
+        self.optimizer_reset = optimizer_reset
         self.schedule = schedule
         self.quantized_merge = quantized_merge
         self.max_residual_rank = max_residual_rank
@@ -140,6 +146,16 @@ class ChainOfLoRACallback(TrainerCallback):
                 )
         # fail now, not at the first knot
         distributed.check_training_setup(model, self.schedule, args, quantized_merge=self.quantized_merge)
+        if model is not None and self.optimizer_reset < 1.0:
+            layers = list(lora_layers(model))
+            current = {layer.r[adapter] for _, layer, adapter in layers}
+            to_come = range(chain_length(model) + 1, self.schedule.max_links + 1)
+            ranks_to_come = {self.schedule.rank_of_link(link) for link in to_come} - {None}
+            check_optimizer_reset(
+                self.optimizer_reset,
+                rank_changes=any({rank} != current for rank in ranks_to_come),
+                sharded=any(distributed.is_sharded(layer.lora_A[a].weight) for _, layer, a in layers),
+            )
 
     # -- the knot ---------------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kw):
@@ -173,6 +189,7 @@ class ChainOfLoRACallback(TrainerCallback):
                 max_relative_delta=self.max_relative_delta,
                 quantized_merge=self.quantized_merge,
                 max_residual_rank=self.max_residual_rank,
+                optimizer_reset=self.optimizer_reset,
             )
         except KnotError as err:  # the model is untouched; halt before this step is saved anywhere
             raise KnotError(f"knot {link} at step {state.global_step}: {err}; training halted") from None
@@ -186,6 +203,8 @@ class ChainOfLoRACallback(TrainerCallback):
             "next_rank": record.next_rank,
             "delta_norm": record.delta_norm,
         }
+        if record.optimizer_state_zeroed is not None:
+            entry["optimizer_state_zeroed"] = record.optimizer_state_zeroed
         if self.schedule.decisions:  # an adaptive schedule says why it tied this knot
             entry["reason"] = self.schedule.decisions[-1].reason
         if record.residual_rank is not None:  # QLoRA: the residual and what the knot lost, if anything

@@ -6,6 +6,7 @@ At a *knot* τ_i the chain is extended::
     tie the knot       W ← W + s·B·A            (computed in fp32; refused, model untouched, if not finite)
     extend the chain   A ← random, B ← 0        (optionally with a new rank: "rank step-down")
     reset              optimizer state of A, B cleared, so the next step is a true first step
+                       (``optimizer_reset`` < 1: only that fraction of it, smallest magnitudes first, as ReLoRA)
 
 Invariant (function-preserving): right after a knot B = 0, so the model computes exactly what it computed
 just before it; only the split between "base" and "link" has moved. After k knots the base weight is
@@ -40,6 +41,7 @@ __all__ = [
     "Init",
     "KnotError",
     "KnotRecord",
+    "check_optimizer_reset",
     "check_ranks_fit",
     "extend_link",
     "link_delta",
@@ -64,6 +66,8 @@ class KnotRecord:
     delta_norm: float  # Frobenius norm of all merged updates together (weights and biases)
     layers: int  # number of LoRA layers merged
     step: int | None = None  # optimizer step at which it was tied (set by the training loop)
+    # fraction of the links' optimizer state entries zeroed (1.0: full reset); None: no optimizer, or no state yet
+    optimizer_state_zeroed: float | None = None
     # LoRA layers over a bitsandbytes base (chainlora.quantized); None when the model has none
     quantized_merge: str | None = None  # "residual" (exact) or "requantize" (lossy)
     residual_rank: int | None = None  # largest residual rank after the knot
@@ -182,19 +186,77 @@ def extend_link(
 
 
 def reset_optimizer_state(
-    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], replaced: dict | None = None
-) -> None:
-    """Clear **all** state (moments *and* step counter) of ``params``, so the next update is exactly a first
-    update, bias correction included (zeroing Adam's moments but keeping ``step`` would make it ~3× too large).
-    Parameters in ``replaced`` (old → new, after a rank change) are swapped in their param groups in place, so
-    the LR scheduler keeps driving the same groups."""
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter],
+    replaced: dict | None = None,
+    *,
+    fraction: float = 1.0,
+) -> float | None:
+    """Reset the optimizer state of ``params`` at a knot; return the fraction of their state entries zeroed
+    (measured: entries that were non-zero and are zero now, over all; 1.0 for a full reset), or None when the
+    optimizer held no state for them (no step yet).
+
+    ``fraction`` 1.0 (COLA): clear **all** state, moments *and* step counter, so the next update is exactly a
+    first update, bias correction included (zeroing Adam's moments but keeping ``step`` would make it ~3× too
+    large). 0 < ``fraction`` < 1: zero that fraction of each state tensor shaped like its parameter (Adam's
+    moments, SGD's momentum, AdaGrad's sum), smallest magnitudes first, and keep the step counter (ReLoRA's
+    magnitude pruning; entries tied with the threshold go too). 0.0: keep all state, a control that carries the
+    old link's moments onto the new one. A parameter in ``replaced`` (old → new, after a rank change: another
+    shape) always loses its state, and the new one is swapped into its param groups in place, so the LR
+    scheduler keeps driving the same groups."""
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
         optimizer = optimizer.optimizer
     replaced = replaced or {}
+    zeroed = total = 0
     for p in params:
-        optimizer.state.pop(p, None)
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        moments = [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape and v.numel()]
+        total += sum(v.numel() for v in moments)
+        if fraction >= 1.0 or p in replaced:
+            zeroed += sum(v.numel() for v in moments)
+            optimizer.state.pop(p)
+        elif fraction > 0.0:
+            for v in moments:
+                zeroed += _zero_smallest(v, fraction)
     for group in optimizer.param_groups:
         group["params"] = [replaced.get(p, p) for p in group["params"]]
+    if total == 0:
+        return None
+    return 1.0 if fraction >= 1.0 else zeroed / total
+
+
+@torch.no_grad()
+def _zero_smallest(tensor: torch.Tensor, fraction: float) -> int:
+    """Zero the ``round(fraction·n)`` entries of ``tensor`` with the smallest magnitude (and any tied with the
+    largest of them), in place; return how many non-zero entries were zeroed."""
+    count = round(fraction * tensor.numel())
+    if count == 0:
+        return 0
+    magnitude = tensor.abs()
+    threshold = magnitude.flatten().float().kthvalue(count).values.to(magnitude.dtype)
+    drop = magnitude <= threshold
+    zeroed = int(torch.count_nonzero(tensor[drop]))
+    tensor.masked_fill_(drop, 0)
+    return zeroed
+
+
+def check_optimizer_reset(fraction: float, *, rank_changes: bool = False, sharded: bool = False) -> None:
+    """Refuse an ``optimizer_reset`` that is not in [0, 1], or that keeps state (< 1) where it cannot: across
+    a rank change (the parameters change shape) or, pruning (0 < fraction < 1), on sharded FSDP2 parameters."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"optimizer_reset must be a number in [0, 1], got {fraction!r}")
+    if fraction < 1.0 and rank_changes:
+        raise ConfigError(
+            f"optimizer_reset {fraction} keeps optimizer state across a knot, which a rank change cannot: the "
+            "next link's parameters have another shape (use 1.0 with rank step-down)"
+        )
+    if 0.0 < fraction < 1.0 and sharded:
+        raise ConfigError(
+            f"optimizer_reset {fraction} prunes the optimizer state by magnitude, which is not supported on "
+            "FSDP2-sharded parameters (use 1.0 or 0.0)"
+        )
 
 
 def check_ranks_fit(layers: Iterable[tuple[str, nn.Module]], ranks: Iterable[tuple[str, int]]) -> None:
@@ -229,6 +291,7 @@ def tie_knot(
     max_relative_delta: float | None = None,
     quantized_merge: str = "residual",
     max_residual_rank: int | None = None,
+    optimizer_reset: float = 1.0,
 ) -> KnotRecord:
     """Tie one COLA knot on every active LoRA link of ``model`` and extend the chain.
 
@@ -238,7 +301,9 @@ def tie_knot(
     2. extend: A re-initialised (``init``: ``"gaussian"`` as in the paper, or ``"kaiming"``), B = 0; with
        ``rank`` the next link gets that rank (scaling follows α/r, or α/√r with rsLoRA).
     3. reset: all state of the links' parameters in ``optimizer`` is cleared (and, on a rank change, the new
-       parameters replace the old ones in its param groups).
+       parameters replace the old ones in its param groups). ``optimizer_reset`` < 1 zeroes only that fraction
+       of it, smallest magnitudes first (ReLoRA's pruning; 0.0 keeps it all): see
+       :func:`reset_optimizer_state`. The record says what fraction was zeroed.
 
     Function-preserving: the model's outputs are unchanged by the knot (B = 0 afterwards).
     ``precise`` keeps an fp32 master copy of each targeted base weight so repeated merges into bf16/fp16 stay
@@ -262,6 +327,11 @@ def tie_knot(
         raise KnotError("no active LoRA layer found: wrap the model with peft.get_peft_model(...) first")
     if rank is not None:
         check_ranks_fit(((name, layer) for name, layer, _ in layers), [("", rank)])
+    check_optimizer_reset(
+        optimizer_reset,
+        rank_changes=rank is not None and any(layer.r[adapter] != rank for _, layer, adapter in layers),
+        sharded=any(distributed.is_sharded(layer.lora_A[adapter].weight) for _, layer, adapter in layers),
+    )
     # DDP/FSDP2: no rank change, no FSDP1/DeepSpeed (FSDP2: no int8 base, no requantize)
     distributed.check_knot_supported(model, layers, rank, quantized_merge=quantized_merge)
     is_quantized = {name: quantization(layer) is not None for name, layer, _ in layers}
@@ -325,11 +395,16 @@ def tie_knot(
     if rank is not None:
         set_peft_rank(model, rank)
     # 3. reset the optimizer
+    zeroed = None
     if optimizer is not None:
-        reset_optimizer_state(optimizer, old_params, replaced)
+        zeroed = reset_optimizer_state(optimizer, old_params, replaced, fraction=optimizer_reset)
     next_rank = layers[0][1].r[layers[0][2]]
     record = KnotRecord(
-        link=links_tied, next_rank=next_rank, delta_norm=math.sqrt(squared_norm), layers=len(layers)
+        link=links_tied,
+        next_rank=next_rank,
+        delta_norm=math.sqrt(squared_norm),
+        layers=len(layers),
+        optimizer_state_zeroed=zeroed,
     )
     return _with_quantized(record, quantized_merge, tied) if tied else record
 

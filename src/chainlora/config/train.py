@@ -131,6 +131,11 @@ class ChainSettings:
     max_residual_rank: int | None = None
     """With quantize and quantized_merge 'residual': cap each layer's residual rank (it grows by r per knot) by
     a truncated SVD; the relative error that drops is recorded per knot. null = no cap (exact)."""
+    optimizer_reset: float = 1.0
+    """What a knot does to the links' optimizer state. 1.0 (the paper): clear it all, moments and step count, so
+    each link starts with a true first step. 0 < x < 1: zero that fraction of every moment, smallest magnitudes
+    first, keeping the step count (ReLoRA's and axolotl's relora_prune_ratio, e.g. 0.9). 0.0: keep it all (a
+    control). Below 1 it cannot go with a rank change. The fraction zeroed is recorded per knot in metrics.json."""
 
     def __post_init__(self) -> None:
         if isinstance(self.auto, dict):
@@ -170,6 +175,7 @@ class ChainSettings:
         choice("chain.quantized_merge", self.quantized_merge, QuantizedMerge)
         if self.max_residual_rank is not None:
             positive_int("chain.max_residual_rank", self.max_residual_rank)
+        number("chain.optimizer_reset", self.optimizer_reset, high=1.0)
 
     @property
     def links(self) -> int:
@@ -415,6 +421,18 @@ class TrainConfig:
                 )
         if self.lr_schedule == "jagged" and self.method != "cola":
             raise fail("lr_schedule", "'jagged' restarts at knots; only method cola has knots")
+        if chain.optimizer_reset != 1.0:
+            if self.method != "cola":
+                raise fail("chain.optimizer_reset", "acts at knots; only method cola has knots")
+            ranks_change = (chain.ranks is not None and len(set(chain.ranks)) > 1) or (
+                chain.knots == "auto" and chain.auto.rank_rule == "halve"
+            )
+            if ranks_change:
+                raise fail(
+                    "chain.optimizer_reset",
+                    f"{chain.optimizer_reset} keeps optimizer state across knots, which a rank change cannot "
+                    "(the next link's parameters have another shape); use 1.0 with chain.ranks or rank_rule halve",
+                )
         if self.quantize != "none" and self.method == "full":
             raise fail(
                 "quantize", "method full trains every weight, which cannot stay quantized; use lora or cola"

@@ -74,10 +74,13 @@ def run_metrics(
         if "eval_loss" in e
     ]
     selected = next((e for e in dev_history if e["step"] == selected_step), None)
-    quantized = ("quantized_merge", "residual_rank", "compression_errors", "requantize_errors")  # QLoRA knots
+    # QLoRA knots; the optimizer state a knot zeroed (absent: the optimizer held none yet)
+    optional = (
+        "quantized_merge", "residual_rank", "compression_errors", "requantize_errors", "optimizer_state_zeroed"
+    )  # fmt: skip
     knot_rows = [
         {"step": k.step, "link": k.link, "next_rank": k.next_rank, "delta_norm": k.delta_norm}
-        | {f: getattr(k, f) for f in quantized if getattr(k, f) is not None}
+        | {f: getattr(k, f) for f in optional if getattr(k, f) is not None}
         for k in knots
     ]
     workload = run.workload

@@ -235,6 +235,7 @@ def build_trainer(run: Run, callbacks: Sequence[TrainerCallback] = ()) -> tuple[
             max_relative_delta=config.chain.max_relative_delta,
             quantized_merge=config.chain.quantized_merge,
             max_residual_rank=config.chain.max_residual_rank,
+            optimizer_reset=config.chain.optimizer_reset,
         )
     to_tensorboard = "tensorboard" in config.report_to
     tb_writer = (

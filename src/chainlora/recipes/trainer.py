@@ -310,6 +310,10 @@ class RunCallback(TrainerCallback):
                 self.tb_writer.add_scalar("chain/knot_link", record.link, record.step)
                 self.tb_writer.add_scalar("chain/next_rank", record.next_rank, record.step)
                 self.tb_writer.add_scalar("chain/knot_delta_norm", record.delta_norm, record.step)
+                if record.optimizer_state_zeroed is not None:
+                    self.tb_writer.add_scalar(
+                        "chain/optimizer_state_zeroed", record.optimizer_state_zeroed, record.step
+                    )
         self.knots_logged = len(self.chain.knots)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):

@@ -181,10 +181,17 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def tiny_chain_trainer(
-    output_dir: str | Path, schedule: Any, *, arch: Arch = "llama", rank: int = 8, save_steps: int = 3
+    output_dir: str | Path,
+    schedule: Any,
+    *,
+    arch: Arch = "llama",
+    rank: int = 8,
+    save_steps: int = 3,
+    optimizer_reset: float = 1.0,
 ) -> tuple[Any, Any]:
-    """A tiny LoRA model (q,v) in a real HF ``Trainer`` with ``ChainOfLoRACallback(schedule)``: fixed data order,
-    seeds and LR, CPU, a checkpoint every ``save_steps``, the loss logged every step; runs ``schedule.total_steps``.
+    """A tiny LoRA model (q,v) in a real HF ``Trainer`` with ``ChainOfLoRACallback(schedule, optimizer_reset=…)``:
+    fixed data order, seeds and LR, CPU, a checkpoint every ``save_steps``, the loss logged every step; runs
+    ``schedule.total_steps``.
     Returns ``(trainer, callback)``; the same arguments give the same run (for resume comparisons)."""
     from transformers import Trainer, TrainingArguments
 
@@ -208,7 +215,7 @@ def tiny_chain_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    callback = ChainOfLoRACallback(schedule)
+    callback = ChainOfLoRACallback(schedule, optimizer_reset=optimizer_reset)
     return Trainer(model=model, args=args, train_dataset=TokenDataset(vocab), callbacks=[callback]), callback
 
 
