@@ -214,6 +214,8 @@ def _fsdp2_merge_math(out: Path, process: int) -> None:
     with pytest.raises(ConfigError, match="not sharded DTensors"):
         tie_knot(model)
     model.reshard()
+    with pytest.raises(ConfigError, match="not supported on FSDP2-sharded"):  # refused before any change
+        tie_knot(model, optimizer_reset=0.5)
     record = tie_knot(model, generator=knot_generator(SEED, 2))
     expected, got = chain_weights(reference), chain_weights(model)
     for name, layer, _ in lora_layers(model):

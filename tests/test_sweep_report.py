@@ -637,17 +637,59 @@ def test_a_control_sweep_is_reported_with_the_runs_it_reuses(tmp_path):
     assert len(load_sweep(control).results) == 3
 
 
+@pytest.mark.parametrize("where", ["base", "grid"])
+def test_a_chain_that_keeps_optimizer_state_is_a_variant_paired_with_lora(tmp_path, where):
+    """``chain.optimizer_reset`` below 1, set in the control sweep's base or as a grid axis: its COLA runs are a
+    variant of their own ("optimizer reset 0.9"), in the same setting as the main sweep's LoRA, and paired with it;
+    never pooled with the paper's COLA."""
+    main = _fabricated_sweep(tmp_path)
+    grid = {**GRID, "task": ["sst2"], "method": ["cola"], "lr": [5e-4]}
+    base = {}
+    if where == "grid":
+        grid["chain.optimizer_reset"] = [0.9]
+    else:
+        base = {"chain": {"optimizer_reset": 0.9}}
+    names = [
+        f"sst2/cola-L3-r8{'-optreset9e-1' if where == 'grid' else ''}/adamw-lr5e-4/seed{s}" for s in range(3)
+    ]
+    control = _fabricate(tmp_path, {n: (0.7, 0.9) for n in names}, grid, folder="control", base=base)
+    for config in control.glob("*/*/*/seed*/config.yaml"):  # what `chainlora train` writes for these runs
+        config.write_text(yaml.safe_dump({"selection": "dev_loss", "chain": {"optimizer_reset": 0.9}}))
+    for metrics in [*control.glob("*/*/*/seed*/metrics.json"), *main.glob("sst2/*/*/seed*/metrics.json")]:
+        _log_losses(metrics, 0.9 if metrics.is_relative_to(control) else 1.0)
+    results = SweepResults.from_sweep(load_sweep(control, merge=[main]))
+    (group,) = results.groups
+    kept = Variant("cola", 3, (8,), None, 0.9)
+    assert results.variants(group) == [
+        Variant("lora", 1, (8,)), Variant("cola", 3, (8,)), kept, Variant("full", None, None)
+    ]  # fmt: skip
+    assert {r.variant for r in results.data.results if r.name in names} == {kept}
+    assert lora_baseline(kept, results.variants(group)) == Variant("lora", 1, (8,))
+    pairs = {v: per for v, _, per in end_of_budget_pairs(results, group)}
+    assert set(pairs[kept]) == {("sst2", 5e-4)}
+    mine, lora = pairs[kept]["sst2", 5e-4]["train_loss"]
+    assert mine == pytest.approx([0.9] * 3) and lora == pytest.approx([1.0] * 3)
+    assert list(results.chain_length_series(group).values()) == [
+        [Variant("lora", 1, (8,)), Variant("cola", 3, (8,))]
+    ]
+    text = write_report(control, merge=[main]).read_text()
+    assert "COLA (L=3, r=8, optimizer reset 0.9)" in text
+
+
 def test_runs_without_a_plan_are_placed_by_their_own_config(tmp_path):
     """A folder of runs with no sweep plan: each run's grid position comes from its config.yaml and metrics.json,
-    and a jagged chain stays apart from the linear one of the same lr and seed."""
-    for tag, schedule, test in (("lora", "linear", 0.6), ("cola", "linear", 0.7), ("cola-j", "jagged", 0.8)):
+    and a jagged chain, or one that keeps optimizer state, stays apart from the paper's of the same lr and seed."""
+    runs = (("lora", "linear", 1.0, 0.6), ("cola", "linear", 1.0, 0.7), ("cola-j", "jagged", 1.0, 0.8),
+            ("cola-k", "linear", 0.0, 0.9))  # fmt: skip
+    for tag, schedule, reset, test in runs:
         run = tmp_path / "runs" / tag
         run.mkdir(parents=True)
         method = tag.split("-")[0]
         (run / "metrics.json").write_text(json.dumps({"task": "rte", "dev_score": 0.5, "test_score": test}))
         (run / "config.yaml").write_text(
             yaml.safe_dump({"method": method, "seed": 1, "lr": 5e-4, "optimizer": "adamw", "lr_schedule": schedule,
-                            "lora": {"r": 8}, "chain": {"length": 3 if method == "cola" else 1}})
+                            "lora": {"r": 8}, "chain": {"length": 3 if method == "cola" else 1,
+                                                        "optimizer_reset": reset}})
         )  # fmt: skip
     results = SweepResults.from_sweep(load_sweep(tmp_path / "runs"))
     scores = {r.variant: (r.name, r.test_score) for r in results.data.results}
@@ -655,6 +697,10 @@ def test_runs_without_a_plan_are_placed_by_their_own_config(tmp_path):
         Variant("lora", 1, (8,)): ("rte/lora-r8/adamw-lr5e-4/seed1", 0.6),
         Variant("cola", 3, (8,)): ("rte/cola-L3-r8/adamw-lr5e-4/seed1", 0.7),
         Variant("cola", 3, (8,), "jagged"): ("rte/cola-L3-r8-schedjagged/adamw-lr5e-4/seed1", 0.8),
+        Variant("cola", 3, (8,), None, 0.0): (
+            "rte/cola-L3-r8-optreset0/adamw-lr5e-4/seed1",
+            0.9,
+        ),
     }
     assert len(results.groups) == 1
 

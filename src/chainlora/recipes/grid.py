@@ -54,6 +54,7 @@ EXTRA_SHORT = {
     "num_eval": "test",
     "lora.alpha": "a",
     "lr_schedule": "sched",
+    "chain.optimizer_reset": "optreset",
     "epochs": "ep",
     "max_length": "len",
     "batch_size": "bs",

@@ -33,16 +33,20 @@ from chainlora.recipes.stats import mean_std
 class Variant(NamedTuple):
     """A row of the tables: a method as trained. ``lr_schedule`` is set only for a schedule that belongs to the
     method: 'jagged' (the linear decay restarted at every knot) exists only for COLA, so a jagged chain is a
-    variant of its own beside the linear one and the LoRA baseline; other schedules are settings (the group)."""
+    variant of its own beside the linear one and the LoRA baseline; other schedules are settings (the group).
+    ``optimizer_reset`` likewise: set only for a chain whose knots keep optimizer state (``chain.optimizer_reset``
+    below 1; None = the paper's full reset), whether a grid axis or the sweep's base set it."""
 
     method: str
     chain_length: int | None
     ranks: tuple[int, ...] | None
     lr_schedule: str | None = None
+    optimizer_reset: float | None = None
 
 
 Group = tuple[str | None, tuple[tuple[str, Any], ...]]  # (optimizer, extra axes)
 SCHEDULE_AXIS = "lr_schedule"
+RESET_AXIS = "chain.optimizer_reset"  # a COLA variant below 1 (see Variant), never a setting group
 # 'jagged' is COLA's per-link form of 'linear' (for one link they are the same schedule): runs with either share
 # a group, and the schedule names the variant instead
 LINEAR_FAMILY = ("linear", "jagged")
@@ -113,7 +117,11 @@ class RunResult:
     @property
     def variant(self) -> Variant:
         jagged = dict(self.extras).get(SCHEDULE_AXIS) == "jagged"
-        return Variant(self.method, self.chain_length, self.ranks, "jagged" if jagged else None)
+        reset = _float(
+            dict(self.extras).get(RESET_AXIS, (self.config.get("chain") or {}).get("optimizer_reset"))
+        )
+        kept = reset if self.method == "cola" and reset is not None and reset < 1.0 else None
+        return Variant(self.method, self.chain_length, self.ranks, "jagged" if jagged else None, kept)
 
     @property
     def group(self) -> Group:
@@ -196,6 +204,9 @@ def spec_from_run_dir(run_dir: Path) -> RunSpec:
     task = str(metrics.get("task") or config.get("task"))
     jagged = config.get("lr_schedule") == "jagged"  # a COLA variant of its own (see Variant)
     extras: tuple[tuple[str, Any], ...] = ((SCHEDULE_AXIS, "jagged"),) if jagged else ()
+    reset = _float((config.get("chain") or {}).get("optimizer_reset"))
+    if method == "cola" and reset is not None and reset < 1.0:  # so is a chain that keeps optimizer state
+        extras += ((RESET_AXIS, reset),)
     name = run_name(task, method, length, ranks, optimizer, lr, seed, extras)
     return RunSpec(
         name=name,
@@ -246,8 +257,13 @@ class SweepData:
 
 def setting_group(optimizer: str | None, extras: Iterable[tuple[str, Any]]) -> Group:
     """The setting a run belongs to: its optimizer and extra axes, less an ``lr_schedule`` of the linear family
-    (which the variant carries, see :class:`Variant`)."""
-    return (optimizer, tuple((k, v) for k, v in extras if not (k == SCHEDULE_AXIS and v in LINEAR_FAMILY)))
+    and ``chain.optimizer_reset`` (which the variant carries, see :class:`Variant`)."""
+    return (
+        optimizer,
+        tuple(
+            (k, v) for k, v in extras if not (k == SCHEDULE_AXIS and v in LINEAR_FAMILY) and k != RESET_AXIS
+        ),
+    )
 
 
 def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
@@ -341,8 +357,9 @@ def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Varia
 
 
 def variant_label(variant: Variant, show_rank: bool = True) -> str:
-    """``LoRA (r=8)``, ``COLA (L=3, r=8)``, ``COLA (L=2, r=8→4)``, ``COLA (L=3, jagged LR)``, ``Full FT``."""
-    method, length, ranks, schedule = variant
+    """``LoRA (r=8)``, ``COLA (L=3, r=8)``, ``COLA (L=2, r=8→4)``, ``COLA (L=3, jagged LR)``,
+    ``COLA (L=3, optimizer reset 0.9)``, ``Full FT``."""
+    method, length, ranks, schedule, reset = variant
     if method == "full":
         return "Full FT"
     rank = ""
@@ -351,17 +368,19 @@ def variant_label(variant: Variant, show_rank: bool = True) -> str:
     if method == "lora":
         return f"LoRA ({rank})" if rank else "LoRA"
     parts = [f"L={length}"] + ([rank] if rank else []) + ([f"{schedule} LR"] if schedule else [])
+    parts += [f"optimizer reset {reset:g}"] if reset is not None else []
     return f"COLA ({', '.join(parts)})"
 
 
 def variant_order(variant: Variant) -> tuple:
-    method, length, ranks, schedule = variant
+    method, length, ranks, schedule, reset = variant
     return (
         METHOD_ORDER.get(method, 9),
         ranks[0] if ranks else 0,
         length or 0,
         tuple(-r for r in ranks or ()),
         schedule or "",
+        -(1.0 if reset is None else reset),  # the paper's full reset first, then keeping more and more
     )
 
 
@@ -462,7 +481,8 @@ class SweepResults:
         ≥ 2 lengths exist."""
         by_rank: dict[tuple[int, ...] | None, list[Variant]] = defaultdict(list)
         for v in self.variants(group):
-            if v.method in ("lora", "cola") and not (v.ranks and len(v.ranks) > 1) and v.lr_schedule is None:
+            plain = v.lr_schedule is None and v.optimizer_reset is None
+            if v.method in ("lora", "cola") and not (v.ranks and len(v.ranks) > 1) and plain:
                 by_rank[v.ranks].append(v)
         return {
             r: sorted(vs, key=lambda v: v[1] or 0) for r, vs in by_rank.items() if len({v[1] for v in vs}) > 1
