@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -663,7 +664,15 @@ def test_a_chain_that_keeps_optimizer_state_is_a_variant_paired_with_lora(tmp_pa
     assert results.variants(group) == [
         Variant("lora", 1, (8,)), Variant("cola", 3, (8,)), kept, Variant("full", None, None)
     ]  # fmt: skip
-    assert {r.variant for r in results.data.results if r.name in names} == {kept}
+    assert {r.variant for r in results.data.results if r.joined_from is None} == {kept}
+    # the main sweep's runs of the same task and setting join, the paper's COLA runs of the same names included
+    joined = [r for r in results.data.results if r.joined_from == str(main)]
+    assert sorted(Counter(r.variant.method for r in joined).items()) == [
+        ("cola", 6),
+        ("full", 3),
+        ("lora", 6),
+    ]
+    assert not results.data.missing
     assert lora_baseline(kept, results.variants(group)) == Variant("lora", 1, (8,))
     pairs = {v: per for v, _, per in end_of_budget_pairs(results, group)}
     assert set(pairs[kept]) == {("sst2", 5e-4)}
@@ -674,6 +683,20 @@ def test_a_chain_that_keeps_optimizer_state_is_a_variant_paired_with_lora(tmp_pa
     ]
     text = write_report(control, merge=[main]).read_text()
     assert "COLA (L=3, r=8, optimizer reset 0.9)" in text
+    assert "| `sst2/cola-L3-r8/adamw-lr5e-4/seed0` (joined from `sw`) |" in text
+    if where == "base":  # a rerun of the paper's COLA under those names keeps its own runs: no namesake joins
+        for config in control.glob("*/*/*/seed*/config.yaml"):
+            config.write_text(yaml.safe_dump({"selection": "dev_loss", "chain": {"optimizer_reset": 1.0}}))
+        data = load_sweep(control, merge=[main])
+        joined_cola = {r.name for r in data.results if r.joined_from and r.variant.method == "cola"}
+        assert len(joined_cola) == 3 and joined_cola.isdisjoint(names)  # only the lr the control did not run
+        # nor does one whose name the control still has to run: it would stand in for the run to come
+        for config in control.glob("*/*/*/seed*/config.yaml"):
+            config.write_text(yaml.safe_dump({"selection": "dev_loss", "chain": {"optimizer_reset": 0.9}}))
+        (control / names[2] / "metrics.json").unlink()
+        data = load_sweep(control, merge=[main])
+        assert [s.name for s in data.missing] == [names[2]]
+        assert names[2] not in {r.name for r in data.results}
 
 
 def test_runs_without_a_plan_are_placed_by_their_own_config(tmp_path):

@@ -469,7 +469,7 @@ def runs_table(results: SweepResults) -> str:
         lines.append(
             _row(
                 [
-                    f"`{r.name}`",
+                    f"`{r.name}`" + (f" (joined from `{Path(r.joined_from).name}`)" if r.joined_from else ""),
                     _num(None if r.dev_score is None else r.dev_score * results.scale, ".2f"),
                     _num(None if r.test_score is None else r.test_score * results.scale, ".2f"),
                     f"{r.metrics.get('selected_step', '–')} / {r.metrics.get('train_steps', '–')}",

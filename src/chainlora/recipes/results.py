@@ -18,7 +18,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -86,6 +86,7 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     dev_loss: float | None = None
+    joined_from: str | None = None  # the other sweep folder it was joined from (load_sweep's merge)
 
     @property
     def dev_rank(self) -> float | None:
@@ -245,12 +246,12 @@ class SweepData:
 
     @property
     def missing(self) -> list[RunSpec]:
-        done = {r.name for r in self.results}
+        done = {r.name for r in self.results if r.joined_from is None}
         return [s for s in self.planned if s.name not in done]
 
     @property
     def failed(self) -> dict[str, dict[str, Any]]:
-        done = {r.name for r in self.results}
+        done = {r.name for r in self.results if r.joined_from is None}
         runs = self.state.get("runs", {})
         return {n: e for n, e in runs.items() if e.get("status") == "failed" and n not in done}
 
@@ -269,17 +270,24 @@ def setting_group(optimizer: str | None, extras: Iterable[tuple[str, Any]]) -> G
 def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
     """Collect a sweep's finished runs: through its plan when present, else every ``*/metrics.json`` below.
     ``merge``: other sweep folders whose finished runs join where they share a task and setting (group) with a
-    planned or finished run of ``root`` and have no namesake there, e.g. the LoRA and COLA runs a control sweep
-    is compared with (first folder first)."""
+    planned or finished run of ``root``, e.g. the LoRA and COLA runs a control sweep is compared with (first
+    folder first). A run is not joined where ``root`` has its namesake of the same variant, or a planned run of
+    that name still to finish; a namesake of another variant joins (a control that keeps optimizer state, set in
+    its base, has the paper's COLA run names)."""
     data = _load_one_sweep(root)
     cells = {(r.task, r.group) for r in data.results}
     cells |= {(s.task, setting_group(s.optimizer, s.extras)) for s in data.planned}
-    names = {r.name for r in data.results} | {s.name for s in data.planned}
+    taken = {(r.name, r.variant) for r in data.results}
+    unfinished = {s.name for s in data.missing}
     base = data.plan.get("base") or {}
     for other in merge:
         other_data = _load_one_sweep(other)
-        joined = [r for r in other_data.results if (r.task, r.group) in cells and r.name not in names]
-        names |= {r.name for r in joined}
+        joined = [
+            replace(r, joined_from=str(other))
+            for r in other_data.results
+            if (r.task, r.group) in cells and (r.name, r.variant) not in taken and r.name not in unfinished
+        ]
+        taken |= {(r.name, r.variant) for r in joined}
         data.results += joined
         theirs = other_data.plan.get("base") or {}
         differences = {
