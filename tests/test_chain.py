@@ -120,14 +120,20 @@ def adam_moments(optimizer, params) -> list[dict[str, torch.Tensor]]:
     return [{k: v.detach().clone() for k, v in optimizer.state[p].items()} for p in params]
 
 
-def test_partial_optimizer_reset_zeroes_the_smallest_moments_and_keeps_the_step(tiny_model, tokenizer):
-    """ReLoRA's magnitude pruning: 90% of every moment zeroed, smallest first; the rest and the step count kept."""
-    model = lora(tiny_model)
+def trained_with_adam(model, tokenizer, steps: int):
+    """A LoRA model after ``steps`` AdamW steps: (model, its adapter params, the optimizer, the inputs, a copy of
+    the optimizer state)."""
+    model = lora(model)
     params = adapter_params(model)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     inputs = batch(tokenizer)
-    train_steps(model, optimizer, inputs, 3)
-    before_state = adam_moments(optimizer, params)
+    train_steps(model, optimizer, inputs, steps)
+    return model, params, optimizer, inputs, adam_moments(optimizer, params)
+
+
+def test_partial_optimizer_reset_zeroes_the_smallest_moments_and_keeps_the_step(tiny_model, tokenizer):
+    """ReLoRA's magnitude pruning: 90% of every moment zeroed, smallest first; the rest and the step count kept."""
+    model, params, optimizer, inputs, before_state = trained_with_adam(tiny_model, tokenizer, 3)
     with torch.no_grad():
         before = model(**inputs).logits
     record = tie_knot(model, optimizer, optimizer_reset=0.9)
@@ -151,12 +157,7 @@ def test_partial_optimizer_reset_zeroes_the_smallest_moments_and_keeps_the_step(
 
 
 def test_optimizer_reset_zero_keeps_the_state_and_one_clears_it(tiny_model, tokenizer):
-    model = lora(tiny_model)
-    params = adapter_params(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    inputs = batch(tokenizer)
-    train_steps(model, optimizer, inputs, 2)
-    before_state = adam_moments(optimizer, params)
+    model, params, optimizer, inputs, before_state = trained_with_adam(tiny_model, tokenizer, 2)
     record = tie_knot(model, optimizer, optimizer_reset=0.0)
     assert record.optimizer_state_zeroed == 0.0
     for p, old in zip(params, before_state, strict=True):
@@ -178,17 +179,14 @@ def test_optimizer_reset_zero_keeps_the_state_and_one_clears_it(tiny_model, toke
 def test_optimizer_reset_that_cannot_apply_is_refused_with_the_model_untouched(
     tiny_model, tokenizer, kwargs, message
 ):
-    model = lora(tiny_model, r=8)
-    optimizer = torch.optim.AdamW(adapter_params(model), lr=1e-2)
-    train_steps(model, optimizer, batch(tokenizer), 1)
+    model, params, optimizer, _, state = trained_with_adam(tiny_model, tokenizer, 1)  # rank 8
     weights = base_weights(model)
-    state = adam_moments(optimizer, adapter_params(model))
     with pytest.raises(ConfigError, match=re.escape(message)):
         tie_knot(model, optimizer, **kwargs)
     assert all(torch.equal(weights[n], w) for n, w in base_weights(model).items())
     assert all(
         torch.equal(a["exp_avg"], b["exp_avg"])
-        for a, b in zip(adam_moments(optimizer, adapter_params(model)), state, strict=True)
+        for a, b in zip(adam_moments(optimizer, params), state, strict=True)
     )
     tie_knot(model, optimizer, optimizer_reset=0.5, rank=8)  # the same rank is no change
 
