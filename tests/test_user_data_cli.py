@@ -209,13 +209,20 @@ def test_bad_compare_options_are_one_line(chat_model, tmp_path, capsys, argv, ex
     assert not out.exists()
 
 
-def test_a_chain_that_prunes_its_optimizer_state_records_what_each_knot_zeroed(chat_model, tmp_path):
+def test_a_chain_that_prunes_its_optimizer_state_records_what_each_knot_zeroed(chat_model, tmp_path, caplog):
     """``--chain.optimizer_reset 0.9`` (ReLoRA's pruning) on your own data: every knot zeroes 90% of the links'
     optimizer state, and metrics.json says so per knot; the paper's default clears it all (1.0)."""
     text = ["--data", str(EXAMPLES / "text.jsonl"), "--method", "cola", "--chain.length", "3"]
     pruned = train(chat_model, tmp_path / "pruned", *text, "--chain.optimizer_reset", "0.9")
     zeroed = [k["optimizer_state_zeroed"] for k in pruned["knots"]]
     assert len(zeroed) == 2 and all(0.89 < z < 0.91 for z in zeroed), zeroed
+    # pruned moments with the step count kept and no warmup after a knot: the user is warned, once
+    warned = [r.getMessage() for r in caplog.records if "chain.optimizer_reset 0.9 keeps" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("warning: ")
+    caplog.clear()
+    train(chat_model, tmp_path / "relora", *text, "--chain.optimizer_reset", "0.9", "--lr_schedule", "jagged",
+          "--warmup", "0.25")  # fmt: skip
+    assert not [r for r in caplog.records if "chain.optimizer_reset" in r.getMessage()]  # ReLoRA's recipe
     paper = train(chat_model, tmp_path / "paper", *text)
     assert [k["optimizer_state_zeroed"] for k in paper["knots"]] == [1.0, 1.0]
     assert paper["train_loss"][-1] != pruned["train_loss"][-1]  # another run from the first knot on
