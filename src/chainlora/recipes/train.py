@@ -100,8 +100,8 @@ def setup(config: TrainConfig) -> Run:
     if 0 < reset < 1 and not (config.lr_schedule == "jagged" and config.warmup > 0):
         logger.warning(
             "warning: chain.optimizer_reset %g keeps the optimizer's step count with pruned moments: without a "
-            "warmup after each knot (--lr_schedule jagged --warmup 0.1, as ReLoRA) a link's first updates can "
-            "diverge (docs/beyond_the_paper.md, section 3)",
+            "warmup after each knot (--lr_schedule jagged with --warmup, as ReLoRA) a link's first updates can "
+            "diverge (measured in docs/beyond_the_paper.md, section 3)",
             reset,
         )
     epoch_steps = steps_per_epoch(len(train_set), config.batch_size, config.grad_accum, args.world_size)
