@@ -149,11 +149,10 @@ class ChainOfLoRACallback(TrainerCallback):
         if model is not None and self.optimizer_reset < 1.0:
             layers = list(lora_layers(model))
             current = {layer.r[adapter] for _, layer, adapter in layers}
-            to_come = range(chain_length(model) + 1, self.schedule.max_links + 1)
-            ranks_to_come = {self.schedule.rank_of_link(link) for link in to_come} - {None}
+            to_come = distributed.scheduled_ranks(self.schedule, first_link=chain_length(model) + 1)
             check_optimizer_reset(
                 self.optimizer_reset,
-                rank_changes=any({rank} != current for rank in ranks_to_come),
+                rank_changes=any({rank} != current for _, rank in to_come),
                 sharded=any(distributed.is_sharded(layer.lora_A[a].weight) for _, layer, a in layers),
             )
 

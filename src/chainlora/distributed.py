@@ -258,7 +258,7 @@ def check_knot_supported(
         raise ConfigError(RANK_CHANGE.format(what=f"{sorted(changing)} → {rank}", n=world_size()))
 
 
-def _scheduled_ranks(schedule: KnotSchedule, first_link: int) -> Iterator[tuple[int, int]]:
+def scheduled_ranks(schedule: KnotSchedule, first_link: int) -> Iterator[tuple[int, int]]:
     """``(link, rank)`` for the scheduled links from ``first_link`` on that name a rank."""
     for link in range(first_link, schedule.max_links + 1):
         rank = schedule.rank_of_link(link)
@@ -278,7 +278,7 @@ def check_rank_schedule(
     if processes <= 1:
         return
     current = {ranks} if isinstance(ranks, int) else set(ranks)
-    for link, rank in _scheduled_ranks(schedule, first_link):
+    for link, rank in scheduled_ranks(schedule, first_link):
         if current != {rank}:
             what = f"link {link} has rank {rank}, the LoRA layers {sorted(current)}"
             raise ConfigError(RANK_CHANGE.format(what=what, n=processes))
