@@ -66,7 +66,10 @@ def _fmt(s: CellStats | None, n_expected: int, bold: bool = False) -> str:
         text = f"**{text}**"
     if s.n != n_expected:
         text += f" (n={s.n})"
-    return text
+    return text + (f" {PROVISIONAL}" if s.provisional else "")
+
+
+PROVISIONAL = "†"  # marks a cell whose learning rate is chosen from an unfinished grid
 
 
 def main_table(results: SweepResults, group: Group) -> str:
@@ -83,6 +86,9 @@ def main_table(results: SweepResults, group: Group) -> str:
     full_rows = [v for v in variants if all(cells[t, v] is not None for t in tasks)]
     avg = {v: statistics.fmean(cells[t, v].mean for t in tasks) for v in full_rows} if tasks else {}
     best_avg = max(avg.values()) if avg else None
+    unsettled = {
+        v: any(cells[t, v].provisional for t in tasks) for v in full_rows
+    }  # an average with a † cell
     head = ["Method", *tasks] + (["Avg"] if len(tasks) > 1 else [])
     lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
     for v in variants:
@@ -92,7 +98,8 @@ def main_table(results: SweepResults, group: Group) -> str:
             row.append(_fmt(c, n_exp, bold=c is not None and _close(c.mean, best[t])))
         if len(tasks) > 1:
             a = avg.get(v)
-            row.append("–" if a is None else (f"**{a:.2f}**" if _close(a, best_avg) else f"{a:.2f}"))
+            text = "–" if a is None else (f"**{a:.2f}**" if _close(a, best_avg) else f"{a:.2f}")
+            row.append(text + (f" {PROVISIONAL}" if unsettled.get(v) else ""))
         lines.append(_row(row))
     zero = {t: results.zero_shot(t) for t in tasks}
     if any(zero.values()):
@@ -110,9 +117,14 @@ def main_table(results: SweepResults, group: Group) -> str:
         row = [f"gain of {variant_label(v, show_rank)} over {variant_label(base, show_rank)}"]
         for t in tasks:
             c, b = cells[t, v], cells[t, base]
-            row.append(f"{100 * (c.mean - b.mean) / b.mean:+.2f}%" if c and b and b.mean else "–")
+            mark = f" {PROVISIONAL}" if c and b and (c.provisional or b.provisional) else ""
+            row.append(f"{100 * (c.mean - b.mean) / b.mean:+.2f}%{mark}" if c and b and b.mean else "–")
         if len(tasks) > 1:
-            row.append(f"{100 * (avg[v] - avg[base]) / avg[base]:+.2f}%" if v in avg and base in avg else "–")
+            if v in avg and base in avg:
+                mark = f" {PROVISIONAL}" if unsettled[v] or unsettled[base] else ""
+                row.append(f"{100 * (avg[v] - avg[base]) / avg[base]:+.2f}%{mark}")
+            else:
+                row.append("–")
         lines.append(_row(row))
     return "\n".join(lines)
 
@@ -159,7 +171,8 @@ def paired_scores(
     results: SweepResults, group: Group
 ) -> list[tuple[Variant, Variant, dict[str, tuple[list[float], list[float]]]]]:
     """For each COLA variant with a LoRA baseline: per task, the two methods' test scores on their common seeds
-    (shown scale), and over all (task, seed) pairs under :data:`POOLED`."""
+    (shown scale), and over all (task, seed) pairs under :data:`POOLED`. Only cells whose learning rate is final
+    (:attr:`~chainlora.recipes.results.SweepResults.final`) take part."""
     out = []
     variants = results.variants(group)
     for v in variants:
@@ -168,7 +181,7 @@ def paired_scores(
             continue
         per: dict[str, tuple[list[float], list[float]]] = {}
         for t in results.tasks:
-            sa, sb = results.selected.get((t, v, group)), results.selected.get((t, base, group))
+            sa, sb = results.final.get((t, v, group)), results.final.get((t, base, group))
             if sa is None or sb is None:
                 continue
             ta, tb = sa.test_scores(), sb.test_scores()
@@ -291,9 +304,10 @@ def verdict(variant: Variant, base: Variant, d: PairedDifference) -> str:
 
 
 def runs_tested_before_first_knot(results: SweepResults, variant: Variant, group: Group) -> tuple[int, int]:
-    """How many of a COLA variant's chosen runs were tested at a step ≤ their first knot, out of how many."""
+    """How many of a COLA variant's chosen runs (cells with a final learning rate, as in the paired comparison)
+    were tested at a step ≤ their first knot, out of how many."""
     early = total = 0
-    for (_, v, g), sel in results.selected.items():
+    for (_, v, g), sel in results.final.items():
         if v != variant or g != group:
             continue
         for r in sel.runs:
@@ -440,9 +454,10 @@ def lr_table(results: SweepResults) -> str:
             f"{format_number(lr)}: {_num(None if d is None else d * results.scale, '.2f')} ({n})"
             for lr, (d, n) in sel.dev_by_lr.items()
         )
-        lines.append(
-            _row([task, variant_label(variant), group_label(group), tried, format_number(sel.chosen_lr)])
-        )
+        chosen = format_number(sel.chosen_lr)
+        if sel.pending:
+            chosen += f" {PROVISIONAL} ({sel.pending} to run)"
+        lines.append(_row([task, variant_label(variant), group_label(group), tried, chosen]))
     return "\n".join(lines)
 
 
@@ -495,7 +510,8 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
         out += [
             "Test score, mean ± sd over seeds (sd with ddof = 1; `(n=k)` marks a cell with fewer seeds than "
             "planned), at each cell's chosen learning rate; bold = best mean in the column. The gain rows "
-            "are relative: (COLA − LoRA) / LoRA.",
+            f"are relative: (COLA − LoRA) / LoRA. {PROVISIONAL} = learning rate provisional: the cell's grid "
+            "is not finished, so its rate may change; such cells stay out of the paired comparison.",
             "",
             main_table(results, group),
             "",
@@ -595,6 +611,13 @@ def _summary_lines(results: SweepResults) -> list[str]:
         lines.append("- learning rate: one per method (no grid), so there was no learning-rate choice")
     else:
         lines.append("- learning-rate selection per cell: highest mean dev score over seeds (test not used)")
+    provisional = sum(1 for sel in results.selected.values() if sel.pending)
+    if provisional:
+        lines.append(
+            f"- {PROVISIONAL} learning rate provisional in {provisional} of {len(results.selected)} cells: runs "
+            "of their grid (learning rate × seed) are still to run, so the best dev score so far may come from "
+            "fewer seeds than planned; these cells are shown but kept out of the paired comparisons"
+        )
     n_plan = len(d.planned) or len(d.results)
     n_merged = sum(j.runs for j in d.merged)
     lines.append(

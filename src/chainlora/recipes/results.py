@@ -3,12 +3,16 @@
     load_sweep(root, merge=...)   the finished runs (through the sweep's plan when there is one), plus the runs of
                                   other sweeps that share a task and setting with them (a control's baselines)
     select_learning_rates(runs)   per cell, the learning rate with the highest mean dev score over its seeds
+                                  (provisional while the cell's planned runs are not all finished)
     SweepResults.from_sweep(data) what the report's tables (``recipes.report``) and plots (``recipes.plots``) read
 
 Model selection: within a run, the train recipe picks the epoch by its ``selection`` setting; across learning
 rates, a *cell* (task × method × chain length × ranks × optimizer × extra axes) takes the learning rate with the
 highest **mean dev score over its seeds** (ties: more finished seeds, then the smaller rate), and every test
-number of that cell comes from that rate. The test set never takes part in a choice.
+number of that cell comes from that rate. The test set never takes part in a choice. While a cell's planned runs
+(every learning rate × seed) are not all finished, its choice is *provisional*: a rate with one lucky seed could
+win over a finished one, so the paired comparisons read only the cells whose choice is final
+(:attr:`SweepResults.final`).
 """
 
 from __future__ import annotations
@@ -243,6 +247,7 @@ class SweepData:
     state: dict[str, Any]
     plan: dict[str, Any]
     merged: list[JoinedSweep] = field(default_factory=list)  # other sweep folders whose runs joined
+    pending: dict[Cell, int] = field(default_factory=dict)  # per cell, planned runs still to run (not failed)
 
     @property
     def missing(self) -> list[RunSpec]:
@@ -289,6 +294,10 @@ def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
         ]
         taken |= {(r.name, r.variant) for r in joined}
         data.results += joined
+        joined_cells = {r.cell for r in joined}
+        for cell, n in other_data.pending.items():
+            if cell in joined_cells:
+                data.pending[cell] = data.pending.get(cell, 0) + n
         theirs = other_data.plan.get("base") or {}
         differences = {
             k: (base.get(k), theirs.get(k)) for k in sorted({*base, *theirs}) if base.get(k) != theirs.get(k)
@@ -317,7 +326,32 @@ def _load_one_sweep(root: str | Path) -> SweepData:
                 continue
             results.append(_result(spec_from_run_dir(metrics.parent), metrics.parent))
     state = _read_json(root / rundir.SWEEP_STATE_FILE) if (root / rundir.SWEEP_STATE_FILE).is_file() else {}
-    return SweepData(root=root, results=results, planned=planned, state=state, plan=plan)
+    data = SweepData(root=root, results=results, planned=planned, state=state, plan=plan)
+    base = plan.get("base") or {}
+    for spec in data.missing:
+        if spec.name not in data.failed:
+            cell = planned_cell(spec, base)
+            data.pending[cell] = data.pending.get(cell, 0) + 1
+    return data
+
+
+def planned_cell(spec: RunSpec, base: dict[str, Any]) -> Cell:
+    """The cell a planned run falls in once it finishes: its grid position, read with the sweep's ``base``
+    config as the run's own config (a base may set ``chain.optimizer_reset``, which makes a variant)."""
+    return RunResult(
+        name=spec.name,
+        task=spec.task,
+        method=spec.method,
+        chain_length=spec.chain_length,
+        ranks=spec.ranks,
+        optimizer=spec.optimizer,
+        lr=spec.lr,
+        seed=spec.seed,
+        extras=spec.extras,
+        dev_score=None,
+        test_score=None,
+        config=base,
+    ).cell
 
 
 @dataclass
@@ -330,15 +364,19 @@ class CellSelection:
     dev_by_lr: dict[float, tuple[float | None, int]]  # lr -> (mean dev score over seeds, finished seeds)
     chosen_lr: float
     runs: list[RunResult]
+    pending: int = 0  # planned runs of the cell still to run: while > 0 the choice is provisional
 
     def test_scores(self) -> dict[int, float]:
         return {r.seed: r.test_score for r in self.runs if r.test_score is not None}
 
 
-def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Variant, Group], CellSelection]:
+def select_learning_rates(
+    results: Iterable[RunResult], pending: dict[Cell, int] | None = None
+) -> dict[tuple[str, Variant, Group], CellSelection]:
     """Per cell, the learning rate with the best mean dev score over its seeds (:attr:`RunResult.dev_rank`: the
     lowest perplexity for a metric where lower is better; the lowest dev loss for data with no dev score; ties:
-    more seeds, then the smaller rate; a rate whose runs have neither ranks last). The test score takes no part."""
+    more seeds, then the smaller rate; a rate whose runs have neither ranks last). The test score takes no part.
+    ``pending``: per cell, planned runs still to run; such a cell's choice is provisional (``CellSelection.pending``)."""
     by_cell: dict[tuple[str, Variant, Group], dict[float, list[RunResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -357,7 +395,15 @@ def select_learning_rates(results: Iterable[RunResult]) -> dict[tuple[str, Varia
 
         chosen = max(dev_by_lr, key=key)
         runs = sorted(by_lr[chosen], key=lambda r: r.seed)
-        out[cell] = CellSelection(cell[0], cell[1], cell[2], dict(sorted(dev_by_lr.items())), chosen, runs)
+        out[cell] = CellSelection(
+            cell[0],
+            cell[1],
+            cell[2],
+            dict(sorted(dev_by_lr.items())),
+            chosen,
+            runs,
+            (pending or {}).get(cell, 0),
+        )
     return out
 
 
@@ -426,6 +472,9 @@ class CellStats:
     mean: float
     std: float | None  # sample sd (ddof=1); None for one seed
     n: int  # seeds
+    provisional: bool = (
+        False  # the cell's learning rate may still change: some of its planned runs are to run
+    )
 
 
 @dataclass
@@ -443,7 +492,7 @@ class SweepResults:
     def from_sweep(cls, data: SweepData, *, percent: bool | None = None) -> SweepResults:
         """Choose each cell's learning rate (on dev) and the scale: ×100 with ``percent``, or by default when
         every score is a fraction in [0, 1]."""
-        selected = select_learning_rates(data.results)
+        selected = select_learning_rates(data.results, data.pending)
         scores = [r.test_score for r in data.results if r.test_score is not None]
         scores += [r.dev_score for r in data.results if r.dev_score is not None]
         scale = 100.0 if (percent if percent is not None else bool(scores) and max(scores) <= 1.0) else 1.0
@@ -459,7 +508,13 @@ class SweepResults:
         if not scores:
             return None
         mean, std = mean_std(scores)
-        return CellStats(mean, std, len(scores))
+        return CellStats(mean, std, len(scores), sel.pending > 0)
+
+    @property
+    def final(self) -> dict[Cell, CellSelection]:
+        """The cells whose learning-rate choice is final (every planned run finished or failed): the only ones
+        a paired comparison reads, so that no cell enters it through a rate with fewer seeds than planned."""
+        return {cell: sel for cell, sel in self.selected.items() if not sel.pending}
 
     def zero_shot(self, task: str) -> CellStats | None:
         """The pretrained model's test score (``zero_shot_test_score``, computed by runs with ``zero_shot``),
