@@ -36,6 +36,7 @@ from chainlora.recipes.report import (
     end_of_budget_table,
     main_table,
     paired_comparisons,
+    paired_scores_over_settings,
     paired_table,
     runs_tested_before_first_knot,
     stepdown_table,
@@ -779,6 +780,44 @@ def test_a_learning_rate_chosen_from_an_unfinished_grid_is_provisional_and_kept_
     joined = SweepResults.from_sweep(load_sweep(control, merge=[root]))
     pending = {cell[1].method: sel.pending for cell, sel in joined.selected.items() if sel.pending}
     assert pending == {"lora": 1}
+
+
+def test_a_sweep_of_several_settings_gets_one_bottom_line_over_all_of_them(tmp_path):
+    """Two optimizers (two settings, one main table each): per setting the pooled pairs, then every pair of
+    both settings in one paired test with its bottom line."""
+    grid = {
+        **GRID,
+        "task": ["sst2", "rte"],
+        "method": ["lora", "cola"],
+        "optimizer": ["adamw", "sgd"],
+        "lr": [5e-4],
+    }
+    cola_minus_lora = {"adamw": [1, 2, 0], "sgd": [-1, 3, 4]}  # test points, seeds 0-2 (same on both tasks)
+    scores = {}
+    for task in ("sst2", "rte"):
+        for opt, diffs in cola_minus_lora.items():
+            for seed, diff in enumerate(diffs):
+                base = 0.60 + 0.01 * seed
+                scores[f"{task}/lora-r8/{opt}-lr5e-4/seed{seed}"] = (0.7, base)
+                scores[f"{task}/cola-L3-r8/{opt}-lr5e-4/seed{seed}"] = (0.7, base + diff / 100)
+    root = _fabricate(tmp_path, scores, grid)
+    results = SweepResults.from_sweep(load_sweep(root))
+    assert len(results.groups) == 2
+    ((variant, base, per),) = paired_scores_over_settings(results)
+    assert (variant.method, base.method) == ("cola", "lora")
+    assert list(per) == ["optimizer adamw", "optimizer sgd", "all settings (pooled pairs)"]
+    cola, lora = per["all settings (pooled pairs)"]
+    diffs = [round(x - y, 6) for x, y in zip(cola, lora, strict=True)]
+    assert sorted(diffs) == sorted([1, 2, 0, -1, 3, 4] * 2)
+    ref = stats.ttest_rel(cola, lora)
+    text = write_report(root).read_text()
+    assert "## Paired comparison over all settings, COLA vs LoRA" in text
+    row = next(line for line in text.splitlines() if line.startswith("| all settings (pooled pairs) |"))
+    assert row.startswith("| all settings (pooled pairs) | 12 | +1.50 |") and f"| {ref.pvalue:.3f} |" in row
+    assert "**Bottom line over all settings: COLA (L=3, r=8) − LoRA (r=8) = +1.50 points over 12" in text
+    one = _fabricated_sweep(tmp_path / "one")  # a sweep of one setting: its pooled row already is the answer
+    assert paired_scores_over_settings(SweepResults.from_sweep(load_sweep(one))) == []
+    assert "over all settings" not in write_report(one).read_text()
 
 
 def test_paired_tests_match_scipy(tmp_path):

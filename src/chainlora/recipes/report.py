@@ -248,23 +248,7 @@ def paired_table(results: SweepResults, group: Group) -> str:
                   "pairs for 80% power (at the paper's gain)"]),
             _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
         ]  # fmt: skip
-        for t, d in per.items():
-            sign = tests[(v, base)][t].sign_pvalue
-            ci = f"{d.low:+.2f}..{d.high:+.2f}" if d.low is not None and d.high is not None else "–"
-            lines.append(
-                _row(
-                    [
-                        t,
-                        str(d.n),
-                        _num(d.mean, "+.2f"),
-                        ci,
-                        _num(d.pvalue, ".3f"),
-                        _num(sign, ".3f"),
-                        f"{d.wins}/{d.losses}/{d.ties}",
-                        power_cell(t, d),
-                    ]
-                )
-            )
+        lines += [_paired_row(t, d, tests[(v, base)][t], power_cell(t, d)) for t, d in per.items()]
         lines += ["", f"**Bottom line: {verdict(v, base, per[POOLED])}**"]
         early, total = runs_tested_before_first_knot(results, v, group)
         if total:
@@ -280,6 +264,69 @@ def paired_table(results: SweepResults, group: Group) -> str:
                     "through the epoch chosen."
                 ),
             ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _paired_row(label: str, d: PairedDifference, test: PairedTest, power: str) -> str:
+    ci = f"{d.low:+.2f}..{d.high:+.2f}" if d.low is not None and d.high is not None else "–"
+    return _row(
+        [
+            label,
+            str(d.n),
+            _num(d.mean, "+.2f"),
+            ci,
+            _num(d.pvalue, ".3f"),
+            _num(test.sign_pvalue, ".3f"),
+            f"{d.wins}/{d.losses}/{d.ties}",
+            power,
+        ]
+    )
+
+
+ALL_SETTINGS = "all settings (pooled pairs)"
+
+
+def paired_scores_over_settings(
+    results: SweepResults,
+) -> list[tuple[Variant, Variant, dict[str, tuple[list[float], list[float]]]]]:
+    """For each COLA variant paired with a LoRA baseline in two or more settings (groups, e.g. ``num_train``
+    100 and 50, or three optimizers): per setting its pooled (task, seed) pairs, and every pair of every
+    setting under :data:`ALL_SETTINGS`. Empty for a sweep of one setting, whose pooled row already is this."""
+    by_pair: dict[tuple[Variant, Variant], dict[str, tuple[list[float], list[float]]]] = {}
+    for group in results.groups:
+        for v, base, per in paired_scores(results, group):
+            by_pair.setdefault((v, base), {})[group_label(group)] = per[POOLED]
+    out = []
+    for (v, base), per in by_pair.items():
+        if len(per) > 1:
+            per[ALL_SETTINGS] = (
+                [x for a, _ in per.values() for x in a],
+                [y for _, b in per.values() for y in b],
+            )
+            out.append((v, base, per))
+    return out
+
+
+def paired_table_over_settings(results: SweepResults) -> str:
+    """COLA − LoRA pooled within each setting and over all settings, with the bottom line over all."""
+    blocks = []
+    for v, base, per in paired_scores_over_settings(results):
+        lines = [
+            f"**{variant_label(v)} − {variant_label(base)}** (test score points; each row pools the (task, seed) "
+            "pairs of one setting, the last row every pair)",
+            "",
+            _row(["Setting", "pairs", "mean diff", "95% CI", "t-test p", "sign-test p", "wins/losses/ties",
+                  "pairs for 80% power (at the paper's mean gain)"]),
+            _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
+        ]  # fmt: skip
+        for label, (a, b) in per.items():
+            d = paired_difference(a, b)
+            lines.append(_paired_row(label, d, paired_test(a, b), power_cell(POOLED, d)))
+        lines += [
+            "",
+            f"**Bottom line over all settings: {verdict(v, base, paired_difference(*per[ALL_SETTINGS]))}**",
+        ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -562,6 +609,17 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
                 "and its interval is indicative only.",
                 end,
             )
+    over_settings = paired_table_over_settings(results)
+    if over_settings:
+        out += _section(
+            "## Paired comparison over all settings, COLA vs LoRA",
+            "The pooled rows of the per-setting comparisons above, side by side, and all their pairs together: "
+            "the sweep's answer in one line. The last row treats every pair as independent, though pairs of "
+            "one seed in two settings may share data (the same rows under another optimizer, overlapping "
+            "samples of another training-set size), so its interval is indicative; the per-setting rows show "
+            "whether the settings agree.",
+            over_settings,
+        )
     out += ["## Learning-rate selection", ""]
     out += [
         "Rule: per cell (task × method × chain length × ranks × optimizer × extra axes), the learning rate "
