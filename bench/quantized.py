@@ -99,8 +99,8 @@ def probe(args) -> None:
     for _ in range(args.warmup):
         built["step"]()
     benchlib.release_memory()
+    benchlib.reset_peak_rss()  # first: the high-water mark restarts at the current RSS, so peak >= resident
     resident = benchlib.rss_mib()
-    benchlib.reset_peak_rss()
     for _ in range(args.probe_steps):
         built["step"]()
     print(json.dumps({"resident_mib": resident, "peak_rss_mib": benchlib.peak_rss_mib()}))

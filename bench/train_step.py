@@ -215,8 +215,8 @@ def probe(args) -> None:
     for _ in range(args.warmup):
         runner.step()
     gc.collect()
+    benchlib.reset_peak_rss()  # first: the high-water mark restarts at the current RSS, so peak >= resident
     resident = benchlib.rss_mib()
-    benchlib.reset_peak_rss()
     for _ in range(args.probe_steps):
         runner.step()
     print(
