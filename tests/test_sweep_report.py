@@ -767,6 +767,7 @@ def test_a_learning_rate_chosen_from_an_unfinished_grid_is_provisional_and_kept_
     (root / STATE_FILE).write_text(json.dumps(state))
     results = SweepResults.from_sweep(load_sweep(root))
     assert results.selected["sst2", cola, group].pending == 0 and ("sst2", cola, group) in results.final
+    assert "†" not in write_report(root).read_text()  # nothing provisional: no mark, no legend
 
     # merged: a joined cell is provisional while the sweep it comes from has runs of it still to run
     for name in unfinished:

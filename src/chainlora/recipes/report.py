@@ -557,8 +557,13 @@ def markdown(results: SweepResults, plots_dir: Path, relative_to: Path) -> str:
         out += [
             "Test score, mean ± sd over seeds (sd with ddof = 1; `(n=k)` marks a cell with fewer seeds than "
             "planned), at each cell's chosen learning rate; bold = best mean in the column. The gain rows "
-            f"are relative: (COLA − LoRA) / LoRA. {PROVISIONAL} = learning rate provisional: the cell's grid "
-            "is not finished, so its rate may change; such cells stay out of the paired comparison.",
+            "are relative: (COLA − LoRA) / LoRA."
+            + (
+                f" {PROVISIONAL} = learning rate provisional: the cell's grid is not finished, so its rate may "
+                "change; such cells stay out of the paired comparison."
+                if any(sel.pending for sel in results.selected.values())
+                else ""
+            ),
             "",
             main_table(results, group),
             "",

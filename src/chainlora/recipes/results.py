@@ -119,6 +119,29 @@ class RunResult:
         last = history[-1] if history and history[-1].get("step") == steps else {}
         return EndOfBudget(train_loss, _float(last.get("dev_loss")), _float(last.get("dev_score")))
 
+    @classmethod
+    def from_spec(cls, spec: RunSpec, metrics: dict[str, Any], config: dict[str, Any]) -> RunResult:
+        """A run at its grid position ``spec``, with what its ``metrics.json`` and ``config.yaml`` hold (both
+        empty for a run still to finish)."""
+        return cls(
+            name=spec.name,
+            task=spec.task,
+            method=spec.method,
+            chain_length=spec.chain_length,
+            ranks=spec.ranks,
+            optimizer=spec.optimizer,
+            lr=spec.lr,
+            seed=spec.seed,
+            extras=spec.extras,
+            dev_score=_float(metrics.get("dev_score")),
+            dev_loss=_float(metrics.get("dev_loss")),
+            test_score=_float(metrics.get("test_score")),
+            train_flops=_float(metrics.get("train_flops")),
+            train_seconds=_float(metrics.get("train_seconds")),
+            metrics=metrics,
+            config=config,
+        )
+
     @property
     def variant(self) -> Variant:
         jagged = dict(self.extras).get(SCHEDULE_AXIS) == "jagged"
@@ -167,25 +190,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _result(spec: RunSpec, run_dir: Path) -> RunResult:
-    metrics = _read_json(run_dir / rundir.METRICS_FILE)
-    return RunResult(
-        name=spec.name,
-        task=spec.task,
-        method=spec.method,
-        chain_length=spec.chain_length,
-        ranks=spec.ranks,
-        optimizer=spec.optimizer,
-        lr=spec.lr,
-        seed=spec.seed,
-        extras=spec.extras,
-        dev_score=_float(metrics.get("dev_score")),
-        dev_loss=_float(metrics.get("dev_loss")),
-        test_score=_float(metrics.get("test_score")),
-        train_flops=_float(metrics.get("train_flops")),
-        train_seconds=_float(metrics.get("train_seconds")),
-        metrics=metrics,
-        config=_read_config(run_dir),
-    )
+    return RunResult.from_spec(spec, _read_json(run_dir / rundir.METRICS_FILE), _read_config(run_dir))
 
 
 def spec_from_run_dir(run_dir: Path) -> RunSpec:
@@ -338,20 +343,7 @@ def _load_one_sweep(root: str | Path) -> SweepData:
 def planned_cell(spec: RunSpec, base: dict[str, Any]) -> Cell:
     """The cell a planned run falls in once it finishes: its grid position, read with the sweep's ``base``
     config as the run's own config (a base may set ``chain.optimizer_reset``, which makes a variant)."""
-    return RunResult(
-        name=spec.name,
-        task=spec.task,
-        method=spec.method,
-        chain_length=spec.chain_length,
-        ranks=spec.ranks,
-        optimizer=spec.optimizer,
-        lr=spec.lr,
-        seed=spec.seed,
-        extras=spec.extras,
-        dev_score=None,
-        test_score=None,
-        config=base,
-    ).cell
+    return RunResult.from_spec(spec, {}, base).cell
 
 
 @dataclass
