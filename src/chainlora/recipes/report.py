@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from chainlora import rundir
@@ -86,9 +86,7 @@ def main_table(results: SweepResults, group: Group) -> str:
     full_rows = [v for v in variants if all(cells[t, v] is not None for t in tasks)]
     avg = {v: statistics.fmean(cells[t, v].mean for t in tasks) for v in full_rows} if tasks else {}
     best_avg = max(avg.values()) if avg else None
-    unsettled = {
-        v: any(cells[t, v].provisional for t in tasks) for v in full_rows
-    }  # an average with a † cell
+    unsettled = {v: any(cells[t, v].provisional for t in tasks) for v in full_rows}  # averages over a † cell
     head = ["Method", *tasks] + (["Avg"] if len(tasks) > 1 else [])
     lines = [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
     for v in variants:
@@ -189,7 +187,7 @@ def paired_scores(
             if seeds:
                 per[t] = ([ta[s] * results.scale for s in seeds], [tb[s] * results.scale for s in seeds])
         if per:
-            per[POOLED] = ([x for a, _ in per.values() for x in a], [y for _, b in per.values() for y in b])
+            per[POOLED] = _pool(per.values())
             out.append((v, base, per))
     return out
 
@@ -268,6 +266,12 @@ def paired_table(results: SweepResults, group: Group) -> str:
     return "\n\n".join(blocks)
 
 
+def _pool(pairs: Iterable[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
+    """Several sets of paired scores as one: all the first sides, all the second sides, in the same order."""
+    pairs = list(pairs)
+    return [x for a, _ in pairs for x in a], [y for _, b in pairs for y in b]
+
+
 def _paired_row(label: str, d: PairedDifference, test: PairedTest, power: str) -> str:
     ci = f"{d.low:+.2f}..{d.high:+.2f}" if d.low is not None and d.high is not None else "–"
     return _row(
@@ -300,10 +304,7 @@ def paired_scores_over_settings(
     out = []
     for (v, base), per in by_pair.items():
         if len(per) > 1:
-            per[ALL_SETTINGS] = (
-                [x for a, _ in per.values() for x in a],
-                [y for _, b in per.values() for y in b],
-            )
+            per[ALL_SETTINGS] = _pool(per.values())
             out.append((v, base, per))
     return out
 
@@ -320,13 +321,12 @@ def paired_table_over_settings(results: SweepResults) -> str:
                   "pairs for 80% power (at the paper's mean gain)"]),
             _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
         ]  # fmt: skip
-        for label, (a, b) in per.items():
-            d = paired_difference(a, b)
-            lines.append(_paired_row(label, d, paired_test(a, b), power_cell(POOLED, d)))
+        diffs = {label: paired_difference(a, b) for label, (a, b) in per.items()}
         lines += [
-            "",
-            f"**Bottom line over all settings: {verdict(v, base, paired_difference(*per[ALL_SETTINGS]))}**",
+            _paired_row(label, d, paired_test(*per[label]), power_cell(POOLED, d))
+            for label, d in diffs.items()
         ]
+        lines += ["", f"**Bottom line over all settings: {verdict(v, base, diffs[ALL_SETTINGS])}**"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -714,7 +714,7 @@ def _summary_lines(results: SweepResults) -> list[str]:
         lines.append("- scores shown ×100 (metrics.json holds fractions)")
     for name, entry in sorted(d.failed.items()):
         lines.append(f"- FAILED `{name}`: {entry.get('error')} (log `{entry.get('log')}`)")
-    missing = [s.name for s in d.missing if s.name not in d.failed]
+    missing = [s.name for s in d.to_run]
     if missing:
         shown = ", ".join(f"`{m}`" for m in missing[:10])
         lines.append(f"- not yet run ({len(missing)}): {shown}" + (" …" if len(missing) > 10 else ""))

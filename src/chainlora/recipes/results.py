@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -252,7 +252,8 @@ class SweepData:
     state: dict[str, Any]
     plan: dict[str, Any]
     merged: list[JoinedSweep] = field(default_factory=list)  # other sweep folders whose runs joined
-    pending: dict[Cell, int] = field(default_factory=dict)  # per cell, planned runs still to run (not failed)
+    # per cell, planned runs still to run (neither finished nor failed)
+    pending: Counter[Cell] = field(default_factory=Counter)
 
     @property
     def missing(self) -> list[RunSpec]:
@@ -264,6 +265,12 @@ class SweepData:
         done = {r.name for r in self.results if r.joined_from is None}
         runs = self.state.get("runs", {})
         return {n: e for n, e in runs.items() if e.get("status") == "failed" and n not in done}
+
+    @property
+    def to_run(self) -> list[RunSpec]:
+        """The planned runs still to run: neither finished nor failed."""
+        failed = self.failed
+        return [s for s in self.missing if s.name not in failed]
 
 
 def setting_group(optimizer: str | None, extras: Iterable[tuple[str, Any]]) -> Group:
@@ -300,9 +307,7 @@ def load_sweep(root: str | Path, merge: Iterable[str | Path] = ()) -> SweepData:
         taken |= {(r.name, r.variant) for r in joined}
         data.results += joined
         joined_cells = {r.cell for r in joined}
-        for cell, n in other_data.pending.items():
-            if cell in joined_cells:
-                data.pending[cell] = data.pending.get(cell, 0) + n
+        data.pending.update({cell: n for cell, n in other_data.pending.items() if cell in joined_cells})
         theirs = other_data.plan.get("base") or {}
         differences = {
             k: (base.get(k), theirs.get(k)) for k in sorted({*base, *theirs}) if base.get(k) != theirs.get(k)
@@ -332,11 +337,7 @@ def _load_one_sweep(root: str | Path) -> SweepData:
             results.append(_result(spec_from_run_dir(metrics.parent), metrics.parent))
     state = _read_json(root / rundir.SWEEP_STATE_FILE) if (root / rundir.SWEEP_STATE_FILE).is_file() else {}
     data = SweepData(root=root, results=results, planned=planned, state=state, plan=plan)
-    base = plan.get("base") or {}
-    for spec in data.missing:
-        if spec.name not in data.failed:
-            cell = planned_cell(spec, base)
-            data.pending[cell] = data.pending.get(cell, 0) + 1
+    data.pending.update(planned_cell(spec, plan.get("base") or {}) for spec in data.to_run)
     return data
 
 
@@ -464,9 +465,8 @@ class CellStats:
     mean: float
     std: float | None  # sample sd (ddof=1); None for one seed
     n: int  # seeds
-    provisional: bool = (
-        False  # the cell's learning rate may still change: some of its planned runs are to run
-    )
+    # the cell's learning rate may still change: some of its planned runs are still to run
+    provisional: bool = False
 
 
 @dataclass
