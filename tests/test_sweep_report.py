@@ -43,7 +43,7 @@ from chainlora.recipes.report import (
     write_report,
 )
 from chainlora.recipes.results import SweepResults, Variant, load_sweep, lora_baseline, select_learning_rates
-from chainlora.recipes.stats import paired_test
+from chainlora.recipes.stats import paired_difference
 from chainlora.recipes.sweep import SweepRunner, run_sweep, train_command, worker_env
 from chainlora.rundir import SWEEP_PLAN_FILE as PLAN_FILE
 from chainlora.rundir import SWEEP_STATE_FILE as STATE_FILE
@@ -823,12 +823,13 @@ def test_a_sweep_of_several_settings_gets_one_bottom_line_over_all_of_them(tmp_p
 
 def test_paired_tests_match_scipy(tmp_path):
     a, b = [85.0, 83.0, 88.0, 79.0], [82.0, 84.0, 80.0, 79.0]
-    p = paired_test(a, b)
+    p = paired_difference(a, b)
     ref = stats.ttest_rel(a, b)
-    assert math.isclose(p.t_stat, ref.statistic) and math.isclose(p.t_pvalue, ref.pvalue)
+    assert math.isclose(p.pvalue, ref.pvalue)
     assert (p.wins, p.losses, p.ties) == (2, 1, 1)
     assert math.isclose(p.sign_pvalue, stats.binomtest(2, 3, 0.5).pvalue)
-    assert math.isclose(p.mean_diff, (3 - 1 + 8 + 0) / 4)
+    assert math.isclose(p.mean, (3 - 1 + 8 + 0) / 4)
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]).sign_pvalue is None  # every pair tied: no sign test
 
     report = SweepResults.from_sweep(load_sweep(_fabricated_sweep(tmp_path)))
     ((variant, base, per),) = paired_comparisons(report, report.groups[0])
@@ -836,9 +837,9 @@ def test_paired_tests_match_scipy(tmp_path):
     sst2_cola, sst2_lora = [83, 84, 88], [80, 82, 84]
     rte_cola, rte_lora = [59, 61, 60], [55, 55, 55]
     ref = stats.ttest_rel(sst2_cola, sst2_lora)
-    assert math.isclose(per["sst2"].t_pvalue, ref.pvalue, rel_tol=1e-9)
+    assert math.isclose(per["sst2"].pvalue, ref.pvalue, rel_tol=1e-9)
     pooled = stats.ttest_rel(sst2_cola + rte_cola, sst2_lora + rte_lora)
-    assert math.isclose(per["all tasks (pooled pairs)"].t_pvalue, pooled.pvalue, rel_tol=1e-9)
+    assert math.isclose(per["all tasks (pooled pairs)"].pvalue, pooled.pvalue, rel_tol=1e-9)
     assert math.isclose(per["all tasks (pooled pairs)"].sign_pvalue, stats.binomtest(6, 6).pvalue)
 
 
@@ -968,7 +969,7 @@ def test_time_left_is_predicted_per_cell_then_task_then_overall():
 
 def test_the_bottom_line_states_the_interval_and_the_power_the_paper_gain_needs():
     from chainlora.recipes.report import PAPER_MEAN_GAIN, power_cell, verdict
-    from chainlora.recipes.stats import paired_difference, seeds_for_power
+    from chainlora.recipes.stats import seeds_for_power
 
     cola, lora = [61.0, 64.0, 59.0, 66.0, 60.0], [60.0, 65.0, 57.0, 63.0, 61.0]
     d = paired_difference(cola, lora)

@@ -51,9 +51,7 @@ from chainlora.recipes.results import (
 )
 from chainlora.recipes.stats import (
     PairedDifference,
-    PairedTest,
     paired_difference,
-    paired_test,
     seeds_for_power,
 )
 
@@ -192,16 +190,6 @@ def paired_scores(
     return out
 
 
-def paired_comparisons(
-    results: SweepResults, group: Group
-) -> list[tuple[Variant, Variant, dict[str, PairedTest]]]:
-    """For each COLA variant with a LoRA baseline: a paired test per task and over all (task, seed) pairs."""
-    return [
-        (v, base, {t: paired_test(a, b) for t, (a, b) in per.items()})
-        for v, base, per in paired_scores(results, group)
-    ]
-
-
 # The paper's COLA − LoRA test-score gains on OPT-1.3B (Table 1, points; 5 seeds; ../shared/REFERENCE.md): what a
 # replication must be able to detect. The pooled figure is their mean over the 11 tasks.
 PAPER_GAIN = {
@@ -211,10 +199,11 @@ PAPER_GAIN = {
 PAPER_MEAN_GAIN = sum(PAPER_GAIN.values()) / len(PAPER_GAIN)
 
 
-def paired_rows(
+def paired_comparisons(
     results: SweepResults, group: Group
 ) -> list[tuple[Variant, Variant, dict[str, PairedDifference]]]:
-    """:func:`paired_scores` as confidence intervals: per task and pooled, COLA − LoRA in test points."""
+    """For each COLA variant with a LoRA baseline, :func:`paired_scores` compared: per task and pooled over all
+    (task, seed) pairs, COLA − LoRA in test points with its interval, t-test and sign test."""
     return [
         (v, base, {t: paired_difference(a, b) for t, (a, b) in per.items()})
         for v, base, per in paired_scores(results, group)
@@ -236,9 +225,8 @@ def power_cell(task: str, d: PairedDifference) -> str:
 
 
 def paired_table(results: SweepResults, group: Group) -> str:
-    tests = {(v, base): per for v, base, per in paired_comparisons(results, group)}
     blocks = []
-    for v, base, per in paired_rows(results, group):
+    for v, base, per in paired_comparisons(results, group):
         lines = [
             f"**{variant_label(v)} − {variant_label(base)}** (test score points, same seeds = same data)",
             "",
@@ -246,7 +234,7 @@ def paired_table(results: SweepResults, group: Group) -> str:
                   "pairs for 80% power (at the paper's gain)"]),
             _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
         ]  # fmt: skip
-        lines += [_paired_row(t, d, tests[(v, base)][t], power_cell(t, d)) for t, d in per.items()]
+        lines += [_paired_row(t, d, power_cell(t, d)) for t, d in per.items()]
         lines += ["", f"**Bottom line: {verdict(v, base, per[POOLED])}**"]
         early, total = runs_tested_before_first_knot(results, v, group)
         if total:
@@ -272,7 +260,7 @@ def _pool(pairs: Iterable[tuple[list[float], list[float]]]) -> tuple[list[float]
     return [x for a, _ in pairs for x in a], [y for _, b in pairs for y in b]
 
 
-def _paired_row(label: str, d: PairedDifference, test: PairedTest, power: str) -> str:
+def _paired_row(label: str, d: PairedDifference, power: str) -> str:
     ci = f"{d.low:+.2f}..{d.high:+.2f}" if d.low is not None and d.high is not None else "–"
     return _row(
         [
@@ -281,7 +269,7 @@ def _paired_row(label: str, d: PairedDifference, test: PairedTest, power: str) -
             _num(d.mean, "+.2f"),
             ci,
             _num(d.pvalue, ".3f"),
-            _num(test.sign_pvalue, ".3f"),
+            _num(d.sign_pvalue, ".3f"),
             f"{d.wins}/{d.losses}/{d.ties}",
             power,
         ]
@@ -322,10 +310,7 @@ def paired_table_over_settings(results: SweepResults) -> str:
             _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
         ]  # fmt: skip
         diffs = {label: paired_difference(a, b) for label, (a, b) in per.items()}
-        lines += [
-            _paired_row(label, d, paired_test(*per[label]), power_cell(POOLED, d))
-            for label, d in diffs.items()
-        ]
+        lines += [_paired_row(label, d, power_cell(POOLED, d)) for label, d in diffs.items()]
         lines += ["", f"**Bottom line over all settings: {verdict(v, base, diffs[ALL_SETTINGS])}**"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -16,55 +16,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-@dataclass
-class PairedTest:
-    """COLA minus LoRA on the same seeds: mean difference, wins/losses/ties, paired t-test and sign test."""
-
-    n: int
-    mean_diff: float | None
-    wins: int
-    losses: int
-    ties: int
-    t_stat: float | None
-    t_pvalue: float | None
-    sign_pvalue: float | None
-
-
-def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
-    """Paired comparison of ``a`` (e.g. COLA) against ``b`` (LoRA), element i of each from the same seed.
-
-    t-test: ``scipy.stats.ttest_rel(a, b)`` (two-sided; needs n ≥ 2 and non-constant differences).
-    Sign test: exact two-sided binomial test of wins among non-tied pairs, ``binomtest(wins, wins+losses)``.
-    """
-    from scipy import stats
-
-    if len(a) != len(b):
-        raise ValueError("paired samples must have the same length")
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    wins = sum(d > 0 for d in diffs)
-    losses = sum(d < 0 for d in diffs)
-    ties = len(diffs) - wins - losses
-    t_stat = t_p = None
-    if len(diffs) >= 2 and len(set(diffs)) > 1:
-        res = stats.ttest_rel(a, b)
-        t_stat, t_p = float(res.statistic), float(res.pvalue)
-    sign_p = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else None
-    return PairedTest(
-        n=len(diffs),
-        mean_diff=statistics.fmean(diffs) if diffs else None,
-        wins=wins,
-        losses=losses,
-        ties=ties,
-        t_stat=t_stat,
-        t_pvalue=t_p,
-        sign_pvalue=sign_p,
-    )
-
-
 @dataclass(frozen=True)
 class PairedDifference:
     """``a − b`` over pairs of runs on the same seeds: the mean difference, its confidence interval (Student's t
-    with n − 1 degrees of freedom), the paired t-test's two-sided p-value, and wins / losses / ties of ``a``."""
+    with n − 1 degrees of freedom), the paired t-test's two-sided p-value (``scipy.stats.ttest_rel``), wins /
+    losses / ties of ``a``, and the exact two-sided sign test of the wins among the untied pairs
+    (``scipy.stats.binomtest(wins, wins + losses)``)."""
 
     n: int
     mean: float
@@ -75,6 +32,7 @@ class PairedDifference:
     losses: int
     ties: int
     sd: float | None  # standard deviation of the differences
+    sign_pvalue: float | None = None  # None when every pair is tied
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
@@ -86,17 +44,18 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     if not diffs:
         raise ValueError("paired_difference of no pairs")
-    mean = statistics.fmean(diffs)
+    n, mean = len(diffs), statistics.fmean(diffs)
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    ties = len(diffs) - wins - losses
-    if len(diffs) < 2:
-        return PairedDifference(len(diffs), mean, None, None, None, wins, losses, ties, None)
+    counts = (wins, losses, n - wins - losses)
+    sign = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else None
+    if n < 2:
+        return PairedDifference(n, mean, None, None, None, *counts, None, sign)
     sd = statistics.stdev(diffs)
     if sd == 0:
-        return PairedDifference(len(diffs), mean, mean, mean, None, wins, losses, ties, 0.0)
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+        return PairedDifference(n, mean, mean, mean, None, *counts, 0.0, sign)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     pvalue = float(stats.ttest_rel(a, b).pvalue)
-    return PairedDifference(len(diffs), mean, mean - half, mean + half, pvalue, wins, losses, ties, sd)
+    return PairedDifference(n, mean, mean - half, mean + half, pvalue, *counts, sd, sign)
 
 
 def seeds_for_power(
