@@ -1,0 +1,45 @@
+"""The committed CPU-protocol reports are what the committed run records say: regenerating a report from
+``docs/results/cpu_paper_protocol/records/<sweep>/`` (one ``metrics.json`` per finished run, the sweep plan) with
+the current code gives the committed markdown byte for byte. So every figure in those reports can be traced to a
+record in the repository, and a change of the report code that changes a figure shows here. Only the committed
+kinds of file take part (the machine running a sweep also has its ``sweep_state.json`` and checkpoints there)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chainlora.recipes.report import markdown
+from chainlora.recipes.results import SweepResults, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path("docs/results/cpu_paper_protocol")
+REPORTS = {  # records folder -> (report, its plots folder), as the records' README.md regenerates them
+    "cpu_table6_low_data": ("table6_low_data.md", "plots_table6"),
+    "cpu_table1_paper_scale": ("table1_paper_scale.md", "plots_table1"),
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(REPORTS))
+def test_committed_report_is_regenerated_from_committed_records(
+    sweep: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report, plots = REPORTS[sweep]
+    records = RESULTS / "records" / sweep
+    assert (REPO / records / "sweep_plan.json").is_file(), f"{records} has no sweep plan"
+    committed = [
+        "sweep_plan.json",
+        "sweep_base.yaml",
+        *(str(p.relative_to(REPO / records)) for p in (REPO / records).rglob("metrics.json")),
+    ]
+    for name in committed:
+        (tmp_path / records / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / records / name, tmp_path / records / name)
+    monkeypatch.chdir(tmp_path)  # the report names its sweep folder as given: the repository-relative path
+    data = load_sweep(records)
+    assert data.results, f"{records} holds no finished run"
+    # plots go to the scratch copy of the layout, so the links come out as in the committed report
+    text = markdown(SweepResults.from_sweep(data), tmp_path / RESULTS / plots, tmp_path / RESULTS)
+    assert text == (REPO / RESULTS / report).read_text(), (
+        f"{RESULTS / report} is not what {records} says: regenerate it (see {RESULTS}/records/README.md)"
+    )
