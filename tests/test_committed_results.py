@@ -4,6 +4,8 @@ the current code gives the committed markdown byte for byte. So every figure in 
 record in the repository, and a change of the report code that changes a figure shows here. Only the committed
 kinds of file take part (the machine running a sweep also has its ``sweep_state.json`` and checkpoints there)."""
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -43,3 +45,38 @@ def test_committed_report_is_regenerated_from_committed_records(
     assert text == (REPO / RESULTS / report).read_text(), (
         f"{RESULTS / report} is not what {records} says: regenerate it (see {RESULTS}/records/README.md)"
     )
+
+
+FIRST_PASS_ROW = re.compile(
+    r"^\| `(?P<name>[^`]+/seed\d+)` \| (?P<dev>[^|]+) \| (?P<test>[^|]+) \| (?P<step>\d+) / (?P<steps>\d+) \| "
+    r"[^|]+ \| (?P<flops>[^|]+) \|"
+)
+
+
+@pytest.mark.parametrize("sweep", sorted(REPORTS))
+def test_reruns_reproduce_the_first_pass(sweep: str) -> None:
+    """The first pass's run folders were lost; its reports (``first_pass/``) list every run. A rerun at the same
+    frozen commit and seed must give the same run: dev and test score, selected step, step count and FLOPs."""
+    report, _ = REPORTS[sweep]
+    rows = {}
+    for line in (REPO / RESULTS / "first_pass" / report).read_text().splitlines():
+        if m := FIRST_PASS_ROW.match(line):
+            rows[m["name"]] = (m["dev"].strip(), m["test"].strip(), m["step"], m["steps"], m["flops"].strip())
+    assert rows, f"no run rows in first_pass/{report}"
+    records = REPO / RESULTS / "records" / sweep
+    compared = 0
+    for path in sorted(records.rglob("metrics.json")):
+        name = path.parent.relative_to(records).as_posix()
+        if name not in rows:
+            continue
+        m = json.loads(path.read_text())
+        rerun = (
+            f"{100 * m['dev_score']:.2f}",
+            f"{100 * m['test_score']:.2f}",
+            str(m["selected_step"]),
+            str(m["train_steps"]),
+            f"{m['train_flops']:.2e}",
+        )
+        assert rerun == rows[name], f"{name}: rerun {rerun} != first pass {rows[name]}"
+        compared += 1
+    assert compared, f"no record in {records} has a first-pass row to compare with"
