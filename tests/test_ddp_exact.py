@@ -74,8 +74,9 @@ def _kill_tree(pid: int) -> None:
 def test_ddp_killed_mid_epoch_resumes_to_the_one_process_run(tiny_llama_dir, tiny_cb_data, tmp_path):
     """Two processes × batch 2, killed (torchrun and both workers, from here) right after ``checkpoint-6`` (in
     the middle of epoch 2) is sealed, resumed with torchrun: the same steps, losses, FLOPs and final weights as
-    one process × batch 4 (≤ 1e-5 relative). Before the fixes the resumed steps 7-8 trained on epoch 1's order
-    (0.08 relative away) and the length groups were per-process batches (other batches altogether)."""
+    one process × batch 4 (losses ≤ 1e-5 relative, the weights' change ≤ 1e-4). Before the fixes the resumed
+    steps 7-8 trained on epoch 1's order (0.08 relative away) and the length groups were per-process batches
+    (other batches altogether)."""
     out = tmp_path / "two"
     seal = out / "checkpoints" / "checkpoint-6" / COMPLETE_MARKER
     killed = _torchrun(tmp_path / "killed.txt", *_new_run(tiny_llama_dir, tiny_cb_data, out))
@@ -110,6 +111,12 @@ def test_ddp_killed_mid_epoch_resumes_to_the_one_process_run(tiny_llama_dir, tin
     assert [s for s, _ in one["train_loss"]] == [s for s, _ in two["train_loss"]] == list(range(1, 9))
     for (_, mine), (_, theirs) in zip(one["train_loss"], two["train_loss"], strict=True):
         assert abs(mine - theirs) <= 1e-5 * abs(theirs)
-    reference = _final(one_dir)
+    # final weights: what training changed (final - base) agrees to 1e-4 of its norm, per tensor. Not element by
+    # element: the all-reduced gradient of two half batches differs from the one-batch gradient in the last float
+    # bits, and Adam's m/√v turns that into ~1e-4 relative on entries whose second moment is near zero (measured:
+    # 1.4e-5 of the change on one q_proj, 5e-7 on the others; the bug this guards against was 0.08)
+    base, reference = load_file(tiny_llama_dir / "model.safetensors"), _final(one_dir)
     for key, value in _final(out).items():
-        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+        change = reference[key] - base[key]
+        gap = (value - reference[key]).norm().item()
+        assert gap <= 1e-4 * change.norm().item() + 1e-9, (key, gap, change.norm().item())
