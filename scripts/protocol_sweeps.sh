@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The CPU protocol sweeps of RESULTS.md (Table 6 and Table 1), run from the frozen commit their records name:
+#   scripts/protocol_sweeps.sh start     freeze 116cf0d66b (once per machine) and start both sweeps in the
+#                                        background, one CPU thread each, finished runs skipped
+#   scripts/protocol_sweeps.sh stop      kill both sweeps and their runs (a run resumes from its last checkpoint)
+#   scripts/protocol_sweeps.sh snapshot  stage the finished runs' records, then regenerate the reports from exactly
+#                                        what is staged (not from the sweep's state or a run still being written),
+#                                        so that tests/test_committed_results.py agrees on a clean clone
+# Data: CHAINLORA_DATA (default ../shared/data). Logs: docs/results/cpu_paper_protocol/records/<sweep>.log (ignored).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+D=docs/results/cpu_paper_protocol
+COMMIT=116cf0d66b
+FROZEN=${FROZEN:-/tmp/chainlora-frozen-$COMMIT}
+# records folder, report, plots folder
+REPORTS=("cpu_table6_low_data table6_low_data plots_table6" "cpu_table1_paper_scale table1_paper_scale plots_table1")
+
+case "${1:-}" in
+start)
+    [ -d "$FROZEN" ] || ./scripts/freeze.sh "$FROZEN" "$COMMIT"
+    for entry in "${REPORTS[@]}"; do
+        read -r sweep _ <<<"$entry"
+        PYTHONPATH="$FROZEN/src" CHAINLORA_DATA="${CHAINLORA_DATA:-../shared/data}" OMP_NUM_THREADS=1 \
+            setsid nohup nice -n 10 .venv/bin/python -m chainlora sweep "$D/records/$sweep.yaml" \
+            >>"$D/records/$sweep.log" 2>&1 </dev/null &
+    done
+    echo "started; logs: $D/records/*.log" ;;
+stop)
+    pkill -KILL -f "$D/records/cpu_table" || true
+    sleep 1
+    if pgrep -f "$D/records/cpu_table" >/dev/null; then echo "error: sweeps still running" >&2; exit 1; fi
+    echo "stopped" ;;
+snapshot)
+    git add "$D/records"
+    snap=$(mktemp -d)
+    trap 'rm -rf "$snap"' EXIT
+    git ls-files -z "$D/records" | xargs -0 git checkout-index --prefix="$snap/" --
+    for entry in "${REPORTS[@]}"; do
+        read -r sweep report plots <<<"$entry"
+        git ls-files "$D/records/$sweep" | grep -q metrics.json || continue
+        (cd "$snap" && OMP_NUM_THREADS=1 "$root/.venv/bin/chainlora" report "$D/records/$sweep" \
+            --output "$D/$report.md" --plots_dir "$D/$plots" >/dev/null)
+        cp "$snap/$D/$report.md" "$D/$report.md"
+        rm -rf "${D:?}/$plots" && cp -r "$snap/$D/$plots" "$D/$plots"
+        git add "$D/$report.md" "$D/$plots"
+    done
+    echo "staged: $(git ls-files "$D/records" | grep -c metrics.json) run records and the reports made from them" ;;
+*)
+    echo "usage: scripts/protocol_sweeps.sh start|stop|snapshot" >&2
+    exit 2 ;;
+esac
