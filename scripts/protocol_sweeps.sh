@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CPU protocol sweeps of RESULTS.md (Table 6 and Table 1), run from the frozen commit their records name:
 #   scripts/protocol_sweeps.sh start     freeze 116cf0d66b (once per machine) and start both sweeps in the
-#                                        background, one CPU thread each, finished runs skipped
+#                                        background, one CPU thread each, finished runs skipped: first the runs
+#                                        the lost first pass never measured (FIRST_*, new evidence, in that
+#                                        order), then the whole grid in plan order (the reruns of the first pass)
 #   scripts/protocol_sweeps.sh stop      kill both sweeps and their runs (a run resumes from its last checkpoint)
 #   scripts/protocol_sweeps.sh snapshot  stage the finished runs' records, then regenerate the reports from exactly
 #                                        what is staged (not from the sweep's state or a run still being written),
@@ -15,14 +17,23 @@ COMMIT=116cf0d66b
 FROZEN=${FROZEN:-/tmp/chainlora-frozen-$COMMIT}
 # records folder, report, plots folder
 REPORTS=("cpu_table6_low_data table6_low_data plots_table6" "cpu_table1_paper_scale table1_paper_scale plots_table1")
+# Run names (`chainlora sweep --only` regexes) to run before the rest, per sweep, in this order: whole tasks the
+# first pass never reached (CB), then the cells it left unfinished. The sweep's plan stays the whole grid.
+FIRST_cpu_table6_low_data=('^cb/.*-n100-' '^rte/cola-L3-n100-')
+FIRST_cpu_table1_paper_scale=('^cb/(lora|cola-L3)/' '^wsc/cola-L3/adamw-lr1e-4/' '^wsc/cola-L3/adamw-lr5e-4/seed[34]$')
 
 case "${1:-}" in
 start)
     [ -d "$FROZEN" ] || ./scripts/freeze.sh "$FROZEN" "$COMMIT"
     for entry in "${REPORTS[@]}"; do
         read -r sweep _ <<<"$entry"
+        first="FIRST_$sweep[@]"
+        # one detached chain per sweep: `--only` passes in order, then the whole grid (its yaml path is in the
+        # chain's command line, so `stop` kills the chain with its runs)
         PYTHONPATH="$FROZEN/src" CHAINLORA_DATA="${CHAINLORA_DATA:-../shared/data}" OMP_NUM_THREADS=1 \
-            setsid nohup nice -n 10 .venv/bin/python -m chainlora sweep "$D/records/$sweep.yaml" \
+            setsid nohup nice -n 10 bash -c 'yaml=$1; shift
+                for only in "$@"; do .venv/bin/python -m chainlora sweep "$yaml" --only "$only" || true; done  # a failed run stays for the next pass
+                exec .venv/bin/python -m chainlora sweep "$yaml"' _ "$D/records/$sweep.yaml" "${!first}" \
             >>"$D/records/$sweep.log" 2>&1 </dev/null &
     done
     echo "started; logs: $D/records/*.log" ;;
