@@ -38,8 +38,12 @@ start)
     done
     echo "started; logs: $D/records/*.log" ;;
 stop)
-    pkill -KILL -f "$D/records/cpu_table" || true
-    sleep 1
+    # again while anything is left: a chain killed between its passes could have started the next one
+    for _ in 1 2 3 4 5; do
+        pkill -KILL -f "$D/records/cpu_table" || true
+        sleep 1
+        pgrep -f "$D/records/cpu_table" >/dev/null || break
+    done
     if pgrep -f "$D/records/cpu_table" >/dev/null; then echo "error: sweeps still running" >&2; exit 1; fi
     echo "stopped" ;;
 snapshot)
