@@ -42,10 +42,10 @@ stop)
     for _ in 1 2 3 4 5; do
         pkill -KILL -f "$D/records/cpu_table" || true
         sleep 1
-        pgrep -f "$D/records/cpu_table" >/dev/null || break
+        pgrep -f "$D/records/cpu_table" >/dev/null || { echo "stopped"; exit 0; }
     done
-    if pgrep -f "$D/records/cpu_table" >/dev/null; then echo "error: sweeps still running" >&2; exit 1; fi
-    echo "stopped" ;;
+    echo "error: sweeps still running" >&2
+    exit 1 ;;
 snapshot)
     git add "$D/records"
     snap=$(mktemp -d)
