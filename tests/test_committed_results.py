@@ -4,6 +4,7 @@ the current code gives the committed markdown byte for byte. So every figure in 
 record in the repository, and a change of the report code that changes a figure shows here. Only the committed
 kinds of file take part (the machine running a sweep also has its ``sweep_state.json`` and checkpoints there)."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -78,3 +79,50 @@ def test_reruns_reproduce_the_first_pass(sweep: str) -> None:
         assert rerun == rows[name], f"{name}: rerun {rerun} != first pass {rows[name]}"
         compared += 1
     assert compared, f"no record in {records} has a first-pass row to compare with"
+
+
+def _pooling_script():
+    spec = importlib.util.spec_from_file_location("pool_first_pass", REPO / "scripts" / "pool_first_pass.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PAIRED_ROW = re.compile(
+    r"^\| (?P<task>[a-z0-9]+|all tasks \(pooled pairs\)) \| (?P<n>\d+) \| (?P<mean>[-+][\d.]+) \| "
+    r"(?P<low>[-+][\d.]+)\.\.(?P<high>[-+][\d.]+) \| (?P<p>[\d.]+|–) \| [^|]+ \| (?P<wlt>\d+/\d+/\d+) \|"
+)
+
+
+def _paired_rows(report: Path) -> dict[str, dict[str, str]]:
+    """The COLA (L=3) − LoRA rows of a report's paired-comparison section, by task."""
+    section = report.read_text().split("## Paired comparison", 1)[1].split("\n## ", 1)[0]
+    block = section.split("**COLA (L=3) − LoRA**", 1)[1].split("**Bottom line", 1)[0]
+    return {m["task"]: m.groupdict() for m in map(PAIRED_ROW.match, block.splitlines()) if m}
+
+
+@pytest.mark.parametrize("sweep", sorted(REPORTS))
+@pytest.mark.parametrize("runs_from", ["first_pass", "records"])
+def test_pooling_script_applies_the_reports_rules(sweep: str, runs_from: str) -> None:
+    """``scripts/pool_first_pass.py`` pools the first pass with the records by its own code, with the report's
+    rules (complete grids only, the rate of best mean dev score, pairs by seed). On the first-pass runs alone it must
+    give the first-pass report's paired table; on the records alone, the regenerated report's (to the rounding of
+    the scores it reads: 0.01)."""
+    pool = _pooling_script()
+    report, _ = REPORTS[sweep]
+    if runs_from == "first_pass":
+        scores, expected = pool.first_pass_scores(sweep), _paired_rows(REPO / RESULTS / "first_pass" / report)
+    else:
+        scores, expected = pool.record_scores(sweep), _paired_rows(REPO / RESULTS / report)
+    blocks = pool.compare(sweep, scores)
+    assert len(blocks) == 1, f"expected one COLA (L=3) block, got {list(blocks)}"
+    rows = next(iter(blocks.values()))
+    assert expected, f"no paired rows in the {runs_from} report of {sweep}"
+    assert list(rows) == list(expected)
+    for task, (d, _, _) in rows.items():
+        want = expected[task]
+        assert (d.n, f"{d.wins}/{d.losses}/{d.ties}") == (int(want["n"]), want["wlt"]), task
+        for got, key in ((d.mean, "mean"), (d.low, "low"), (d.high, "high")):
+            assert got == pytest.approx(float(want[key]), abs=0.011), f"{task} {key}"
+        if want["p"] != "–":
+            assert d.pvalue == pytest.approx(float(want["p"]), abs=0.002), f"{task} p"
