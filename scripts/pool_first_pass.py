@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from chainlora.recipes.report import PAPER_GAIN, PAPER_MEAN_GAIN, POOLED
+from chainlora.recipes.results import group_label
 from chainlora.recipes.stats import PairedDifference, paired_difference, seeds_for_power
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs/results/cpu_paper_protocol"
@@ -57,49 +58,47 @@ def record_scores(sweep: str) -> Scores:
 
 
 Row = tuple[PairedDifference, tuple[float, float], list[str]]  # the comparison, (LoRA lr, COLA lr), its runs
-Cell = tuple[str, str, int, str]  # task, method, chain length, extra axes (JSON)
+Cell = tuple[str, str, int, str]  # task, method, chain length, setting (the report's group label)
+Choice = tuple[float, dict[int, float], list[str]]  # chosen lr, test score by seed, all the cell's runs
 
 
-def compare(sweep: str, scores: Scores) -> dict[str, dict[str, Row]]:
-    """COLA − LoRA test points per COLA variant (chain length and extra axes, e.g. the training-set size), per task
-    and pooled (:data:`POOLED`), over the cells whose whole grid is in ``scores``; each row with the two chosen
-    learning rates and the names of the runs it rests on."""
+def choose(runs: list[dict], scores: Scores) -> Choice | None:
+    """The report's rule for one cell: None until every planned run has finished (the report calls such a rate
+    provisional and leaves the cell out), else the rate of best mean dev score (ties: more seeds, then smaller)."""
+    if any(r["name"] not in scores for r in runs):
+        return None
+    by_lr: dict[float, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_lr[r["learning_rate"]].append(r)
+
+    def rank(lr: float) -> tuple[float, int, float]:
+        return statistics.fmean(scores[r["name"]][0] for r in by_lr[lr]), len(by_lr[lr]), -lr
+
+    lr = max(by_lr, key=rank)
+    return lr, {r["seed"]: scores[r["name"]][1] for r in by_lr[lr]}, [r["name"] for r in runs]
+
+
+def compare(sweep: str, scores: Scores) -> dict[tuple[str, str], dict[str, Row]]:
+    """COLA − LoRA test points per (COLA variant, setting) as the report labels them, per task and pooled
+    (:data:`POOLED`), over the cells whose whole grid is in ``scores``; each row with the two chosen learning
+    rates and the names of the runs it rests on."""
     plan = json.loads((RESULTS / "records" / sweep / "sweep_plan.json").read_text())["runs"]
     cells: dict[Cell, list[dict]] = defaultdict(list)
     for r in plan:
         if r["method"] in ("lora", "cola"):
-            cells[
-                (r["task"], r["method"], r["chain_length"], json.dumps(r["extras"], sort_keys=True))
-            ].append(r)
-    chosen: dict[
-        Cell, tuple[float, dict[int, float], list[str]]
-    ] = {}  # lr, test score by seed, the cell's runs
-    for cell, runs in cells.items():
-        if any(r["name"] not in scores for r in runs):
-            continue  # its grid is not finished: the report calls its rate provisional and leaves it out
-        by_lr: dict[float, list[dict]] = defaultdict(list)
-        for r in runs:
-            by_lr[r["learning_rate"]].append(r)
-
-        def rank(lr: float, by_lr: dict[float, list[dict]] = by_lr) -> tuple[float, int, float]:
-            return statistics.fmean(scores[r["name"]][0] for r in by_lr[lr]), len(by_lr[lr]), -lr
-
-        lr = max(by_lr, key=rank)
-        chosen[cell] = (lr, {r["seed"]: scores[r["name"]][1] for r in by_lr[lr]}, [r["name"] for r in runs])
-    blocks: dict[str, dict[str, Row]] = defaultdict(dict)
-    pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (task, method, length, extras), (lr, cola, names) in sorted(chosen.items(), key=lambda c: c[0][2]):
-        if method != "cola" or (lora := chosen.get((task, "lora", 1, extras))) is None:
+            setting = group_label((r["optimizer"], tuple(r["extras"].items())))
+            cells[(r["task"], r["method"], r["chain_length"], setting)].append(r)
+    chosen = {cell: choice for cell, runs in cells.items() if (choice := choose(runs, scores))}
+    blocks: dict[tuple[str, str], dict[str, Row]] = defaultdict(dict)
+    pairs: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for (task, method, length, setting), (lr, cola, names) in sorted(chosen.items(), key=lambda c: c[0][2]):
+        if method != "cola" or (lora := chosen.get((task, "lora", 1, setting))) is None:
             continue
-        settings = ", ".join(f"{k} = {v}" for k, v in json.loads(extras).items()) or "one setting"
-        block = f"COLA (L={length}) − LoRA, {settings}"
+        block = (f"COLA (L={length})", setting)
         seeds = sorted(set(cola) & set(lora[1]))
-        blocks[block][task] = (
-            paired_difference([cola[s] for s in seeds], [lora[1][s] for s in seeds]),
-            (lora[0], lr),
-            lora[2] + names,
-        )
-        pairs[block] += [(cola[s], lora[1][s]) for s in seeds]
+        a, b = [cola[s] for s in seeds], [lora[1][s] for s in seeds]
+        blocks[block][task] = (paired_difference(a, b), (lora[0], lr), lora[2] + names)
+        pairs[block] += zip(a, b, strict=True)
     tasks = list(dict.fromkeys(r["task"] for r in plan))
     out = {}
     for block, rows in blocks.items():
@@ -125,10 +124,10 @@ def table(sweep: str) -> str:
     records = record_scores(sweep)
     scores = {**first_pass_scores(sweep), **records}
     lines = [f"`{sweep}`: committed records where they exist, else first-pass rows"]
-    for block, rows in compare(sweep, scores).items():
+    for (variant, setting), rows in compare(sweep, scores).items():
         lines += [
             "",
-            f"**{block}** (test points, paired by seed)",
+            f"**{variant} − LoRA**, {setting} (test points, paired by seed)",
             "",
             "| Task | runs from | lr LoRA / COLA | pairs | mean diff | 95% CI | t-test p | wins/losses/ties "
             "| pairs for 80% power at the paper's gain |",

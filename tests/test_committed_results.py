@@ -94,11 +94,19 @@ PAIRED_ROW = re.compile(
 )
 
 
-def _paired_rows(report: Path) -> dict[str, dict[str, str]]:
-    """The COLA (L=3) − LoRA rows of a report's paired-comparison section, by task."""
-    section = report.read_text().split("## Paired comparison", 1)[1].split("\n## ", 1)[0]
-    block = section.split("**COLA (L=3) − LoRA**", 1)[1].split("**Bottom line", 1)[0]
-    return {m["task"]: m.groupdict() for m in map(PAIRED_ROW.match, block.splitlines()) if m}
+def _paired_rows(report: Path) -> dict[tuple[str, str | None], dict[str, dict[str, str]]]:
+    """A report's paired-comparison tables: per (COLA variant, setting: None where the report has one setting
+    only and names none), the rows by task."""
+    out = {}
+    for section in report.read_text().split("\n## Paired comparison, COLA vs LoRA")[1:]:
+        heading, body = section.split("\n", 1)
+        setting = heading.strip()[1:-1] if heading.strip() else None
+        body = body.split("\n## ", 1)[0]
+        for block in body.split("\n**")[1:]:
+            if m := re.match(r"(COLA \(L=\d+\)) − LoRA\*\*", block):
+                rows = map(PAIRED_ROW.match, block.split("**Bottom line", 1)[0].splitlines())
+                out[(m[1], setting)] = {r["task"]: r.groupdict() for r in rows if r}
+    return out
 
 
 @pytest.mark.parametrize("sweep", sorted(REPORTS))
@@ -106,7 +114,7 @@ def _paired_rows(report: Path) -> dict[str, dict[str, str]]:
 def test_pooling_script_applies_the_reports_rules(sweep: str, runs_from: str) -> None:
     """``scripts/pool_first_pass.py`` pools the first pass with the records by its own code, with the report's
     rules (complete grids only, the rate of best mean dev score, pairs by seed). On the first-pass runs alone it must
-    give the first-pass report's paired table; on the records alone, the regenerated report's (to the rounding of
+    give the first-pass report's paired tables; on the records alone, the regenerated report's (to the rounding of
     the scores it reads: 0.01)."""
     pool = _pooling_script()
     report, _ = REPORTS[sweep]
@@ -114,15 +122,17 @@ def test_pooling_script_applies_the_reports_rules(sweep: str, runs_from: str) ->
         scores, expected = pool.first_pass_scores(sweep), _paired_rows(REPO / RESULTS / "first_pass" / report)
     else:
         scores, expected = pool.record_scores(sweep), _paired_rows(REPO / RESULTS / report)
+    assert expected, f"no paired table in the {runs_from} report of {sweep}"
     blocks = pool.compare(sweep, scores)
-    assert len(blocks) == 1, f"expected one COLA (L=3) block, got {list(blocks)}"
-    rows = next(iter(blocks.values()))
-    assert expected, f"no paired rows in the {runs_from} report of {sweep}"
-    assert list(rows) == list(expected)
-    for task, (d, _, _) in rows.items():
-        want = expected[task]
-        assert (d.n, f"{d.wins}/{d.losses}/{d.ties}") == (int(want["n"]), want["wlt"]), task
-        for got, key in ((d.mean, "mean"), (d.low, "low"), (d.high, "high")):
-            assert got == pytest.approx(float(want[key]), abs=0.011), f"{task} {key}"
-        if want["p"] != "–":
-            assert d.pvalue == pytest.approx(float(want["p"]), abs=0.002), f"{task} p"
+    if all(setting is None for _, setting in expected):  # a one-setting report does not name its setting
+        blocks = {(variant, None): rows for (variant, _), rows in blocks.items()}
+    assert list(blocks) == list(expected)
+    for block, rows in blocks.items():
+        assert list(rows) == list(expected[block]), block
+        for task, (d, _, _) in rows.items():
+            want = expected[block][task]
+            assert (d.n, f"{d.wins}/{d.losses}/{d.ties}") == (int(want["n"]), want["wlt"]), (block, task)
+            for got, key in ((d.mean, "mean"), (d.low, "low"), (d.high, "high")):
+                assert got == pytest.approx(float(want[key]), abs=0.011), (block, task, key)
+            if want["p"] != "–":
+                assert d.pvalue == pytest.approx(float(want["p"]), abs=0.002), (block, task, "p")
