@@ -3,28 +3,33 @@
 The first pass's run folders were lost (``docs/results/cpu_paper_protocol/records/README.md``); its report keeps
 every run's dev and test score, and each rerun reproduces its first-pass row exactly
 (``tests/test_committed_results.py``). So a run here is its committed record where one exists, else its first-pass
-row. Scores are compared as the reports print them (×100, rounded to 0.01), so that a rerun and its first-pass
-row are the same number. Over those runs this applies ``chainlora report``'s rules: a cell (task ×
-method × extra axes) takes part only once every planned run of it has finished; the learning rate with the best
-mean dev score is chosen (ties: more seeds, then the smaller rate); COLA pairs with the LoRA run of the same seed;
-``paired_difference`` and ``seeds_for_power`` give the figures. Once the records alone cover the first pass,
-``chainlora report`` gives the same table and this script can go.
+row, both read at the precision the reports print (×100, two decimals), so that a rerun and its first-pass row are
+the same number. The comparison is ``chainlora report``'s own (:func:`~chainlora.recipes.report.paired_comparisons`
+over the sweep's plan): a cell takes part once every planned run of it has finished, at the learning rate of best
+mean dev score, COLA paired with LoRA by seed. Once the records alone cover the first pass, ``chainlora report``
+gives the same table and this script can go.
 
     PYTHONPATH=src python scripts/pool_first_pass.py [cpu_table6_low_data | cpu_table1_paper_scale]
 """
 
 from __future__ import annotations
 
-import json
 import re
-import statistics
 import sys
-from collections import defaultdict
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
-from chainlora.recipes.report import PAPER_GAIN, PAPER_MEAN_GAIN, POOLED
-from chainlora.recipes.results import group_label
-from chainlora.recipes.stats import PairedDifference, paired_difference, seeds_for_power
+from chainlora.recipes.report import PAPER_GAIN, PAPER_MEAN_GAIN, POOLED, paired_comparisons
+from chainlora.recipes.results import (
+    RunResult,
+    SweepResults,
+    group_label,
+    load_sweep,
+    planned_cell,
+    variant_label,
+)
+from chainlora.recipes.stats import PairedDifference, seeds_for_power
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs/results/cpu_paper_protocol"
 FIRST_PASS_REPORT = {
@@ -33,85 +38,67 @@ FIRST_PASS_REPORT = {
 }
 RUN_ROW = re.compile(r"^\| `(?P<name>[^`]+/seed\d+)` \| (?P<dev>[\d.]+) \| (?P<test>[\d.]+) \|")
 
-Scores = dict[str, tuple[float, float]]  # run name -> (dev, test), ×100
+# per (COLA variant, setting) as the report labels them: per task and pooled, the comparison, the chosen learning
+# rates (LoRA, COLA; None pooled) and the names of its runs
+Comparisons = dict[tuple[str, str], dict[str, tuple[PairedDifference, tuple[float, float] | None, list[str]]]]
 
 
-def first_pass_scores(sweep: str) -> Scores:
-    """Every run row of the first-pass report: (dev, test) as printed (×100, two decimals)."""
+def _printed(score: float | None) -> float | None:
+    """A score (a fraction) at the precision a report prints it: ×100 with two decimals."""
+    return None if score is None else round(score, 4)
+
+
+def first_pass_scores(sweep: str) -> dict[str, tuple[float, float]]:
+    """Every run row of the first-pass report: (dev, test) as fractions, at the printed precision."""
     text = (RESULTS / "first_pass" / FIRST_PASS_REPORT[sweep]).read_text()
-    return {
-        m["name"]: (float(m["dev"]), float(m["test"])) for m in map(RUN_ROW.match, text.splitlines()) if m
-    }
+    rows = filter(None, map(RUN_ROW.match, text.splitlines()))
+    return {m["name"]: (round(float(m["dev"]) / 100, 4), round(float(m["test"]) / 100, 4)) for m in rows}
 
 
-def record_scores(sweep: str) -> Scores:
-    """Every committed record of the sweep: (dev, test) as a report prints them (×100, two decimals)."""
-    records = RESULTS / "records" / sweep
-    out = {}
-    for path in records.rglob("metrics.json"):
-        m = json.loads(path.read_text())
-        out[path.parent.relative_to(records).as_posix()] = (
-            round(100 * m["dev_score"], 2),
-            round(100 * m["test_score"], 2),
-        )
+def merged_results(sweep: str, *, records: bool = True, first_pass: bool = True) -> SweepResults:
+    """The sweep as its report sees it, from its committed records, the first-pass rows of the runs without a
+    record, or both (``records`` / ``first_pass``); every planned run that neither gives is still to run."""
+    data = load_sweep(RESULTS / "records" / sweep)
+    data.results = [
+        replace(r, dev_score=_printed(r.dev_score), test_score=_printed(r.test_score))
+        for r in (data.results if records else [])
+    ]
+    if first_pass:
+        rows, done = first_pass_scores(sweep), {r.name for r in data.results}
+        data.results += [
+            RunResult.from_spec(s, {"dev_score": rows[s.name][0], "test_score": rows[s.name][1]}, {})
+            for s in data.planned
+            if s.name in rows and s.name not in done
+        ]
+    done, base = {r.name for r in data.results}, data.plan.get("base") or {}
+    data.pending = Counter(planned_cell(s, base) for s in data.planned if s.name not in done)
+    return SweepResults.from_sweep(data, percent=True)
+
+
+def compare(results: SweepResults) -> Comparisons:
+    """The report's paired comparisons of ``results``, keyed by labels, with the names of each row's runs."""
+    out: Comparisons = {}
+    for group in results.groups:
+        for variant, base, rows in paired_comparisons(results, group):
+            cells = {
+                t: (results.final[(t, base, group)], results.final[(t, variant, group)])
+                for t in rows
+                if t != POOLED
+            }
+            block = {
+                t: (
+                    rows[t],
+                    (lora.chosen_lr, cola.chosen_lr),
+                    [r.name for sel in (lora, cola) for r in sel.runs],
+                )
+                for t, (lora, cola) in cells.items()
+            }
+            block[POOLED] = (rows[POOLED], None, [n for _, _, names in block.values() for n in names])
+            out[(variant_label(variant), group_label(group))] = block
     return out
 
 
-Row = tuple[PairedDifference, tuple[float, float], list[str]]  # the comparison, (LoRA lr, COLA lr), its runs
-Cell = tuple[str, str, int, str]  # task, method, chain length, setting (the report's group label)
-Choice = tuple[float, dict[int, float], list[str]]  # chosen lr, test score by seed, all the cell's runs
-
-
-def choose(runs: list[dict], scores: Scores) -> Choice | None:
-    """The report's rule for one cell: None until every planned run has finished (the report calls such a rate
-    provisional and leaves the cell out), else the rate of best mean dev score (ties: more seeds, then smaller)."""
-    if any(r["name"] not in scores for r in runs):
-        return None
-    by_lr: dict[float, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_lr[r["learning_rate"]].append(r)
-
-    def rank(lr: float) -> tuple[float, int, float]:
-        return statistics.fmean(scores[r["name"]][0] for r in by_lr[lr]), len(by_lr[lr]), -lr
-
-    lr = max(by_lr, key=rank)
-    return lr, {r["seed"]: scores[r["name"]][1] for r in by_lr[lr]}, [r["name"] for r in runs]
-
-
-def compare(sweep: str, scores: Scores) -> dict[tuple[str, str], dict[str, Row]]:
-    """COLA − LoRA test points per (COLA variant, setting) as the report labels them, per task and pooled
-    (:data:`POOLED`), over the cells whose whole grid is in ``scores``; each row with the two chosen learning
-    rates and the names of the runs it rests on."""
-    plan = json.loads((RESULTS / "records" / sweep / "sweep_plan.json").read_text())["runs"]
-    cells: dict[Cell, list[dict]] = defaultdict(list)
-    for r in plan:
-        if r["method"] in ("lora", "cola"):
-            setting = group_label((r["optimizer"], tuple(r["extras"].items())))
-            cells[(r["task"], r["method"], r["chain_length"], setting)].append(r)
-    chosen = {cell: choice for cell, runs in cells.items() if (choice := choose(runs, scores))}
-    blocks: dict[tuple[str, str], dict[str, Row]] = defaultdict(dict)
-    pairs: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for (task, method, length, setting), (lr, cola, names) in sorted(chosen.items(), key=lambda c: c[0][2]):
-        if method != "cola" or (lora := chosen.get((task, "lora", 1, setting))) is None:
-            continue
-        block = (f"COLA (L={length})", setting)
-        seeds = sorted(set(cola) & set(lora[1]))
-        a, b = [cola[s] for s in seeds], [lora[1][s] for s in seeds]
-        blocks[block][task] = (paired_difference(a, b), (lora[0], lr), lora[2] + names)
-        pairs[block] += zip(a, b, strict=True)
-    tasks = list(dict.fromkeys(r["task"] for r in plan))
-    out = {}
-    for block, rows in blocks.items():
-        out[block] = {t: rows[t] for t in tasks if t in rows}
-        out[block][POOLED] = (
-            paired_difference([a for a, _ in pairs[block]], [b for _, b in pairs[block]]),
-            (0.0, 0.0),
-            [n for _, _, names in rows.values() for n in names],
-        )
-    return out
-
-
-def source(names: list[str], records: Scores) -> str:
+def source(names: list[str], records: set[str]) -> str:
     """Where runs come from: the committed records, the first pass, or both."""
     have = sum(n in records for n in names)
     if have == len(names):
@@ -120,11 +107,11 @@ def source(names: list[str], records: Scores) -> str:
 
 
 def table(sweep: str) -> str:
-    """The comparison as markdown, one block per COLA variant."""
-    records = record_scores(sweep)
-    scores = {**first_pass_scores(sweep), **records}
+    """The comparison as markdown, one block per COLA variant and setting."""
+    results = merged_results(sweep)
+    records = {r.name for r in load_sweep(RESULTS / "records" / sweep).results}
     lines = [f"`{sweep}`: committed records where they exist, else first-pass rows"]
-    for (variant, setting), rows in compare(sweep, scores).items():
+    for (variant, setting), rows in compare(results).items():
         lines += [
             "",
             f"**{variant} − LoRA**, {setting} (test points, paired by seed)",
@@ -139,7 +126,7 @@ def table(sweep: str) -> str:
             cells = [
                 task,
                 source(names, records),
-                "" if task == POOLED else "{:g} / {:g}".format(*rates),
+                "" if rates is None else "{:g} / {:g}".format(*rates),
                 str(d.n),
                 f"{d.mean:+.2f}",
                 "–" if d.low is None else f"{d.low:+.2f}..{d.high:+.2f}",

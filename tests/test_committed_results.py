@@ -111,19 +111,20 @@ def _paired_rows(report: Path) -> dict[tuple[str, str | None], dict[str, dict[st
 
 @pytest.mark.parametrize("sweep", sorted(REPORTS))
 @pytest.mark.parametrize("runs_from", ["first_pass", "records"])
-def test_pooling_script_applies_the_reports_rules(sweep: str, runs_from: str) -> None:
-    """``scripts/pool_first_pass.py`` pools the first pass with the records by its own code, with the report's
-    rules (complete grids only, the rate of best mean dev score, pairs by seed). On the first-pass runs alone it must
-    give the first-pass report's paired tables; on the records alone, the regenerated report's (to the rounding of
-    the scores it reads: 0.01)."""
+def test_pooling_script_gives_each_reports_table_from_its_runs(sweep: str, runs_from: str) -> None:
+    """``scripts/pool_first_pass.py`` joins the first-pass rows to the records and runs the report's comparison on
+    them. From the first-pass rows alone it must give the first-pass report's paired tables; from the records
+    alone, the regenerated report's (to the printed precision of the scores it reads: 0.01)."""
     pool = _pooling_script()
     report, _ = REPORTS[sweep]
     if runs_from == "first_pass":
-        scores, expected = pool.first_pass_scores(sweep), _paired_rows(REPO / RESULTS / "first_pass" / report)
+        results = pool.merged_results(sweep, records=False)
+        expected = _paired_rows(REPO / RESULTS / "first_pass" / report)
     else:
-        scores, expected = pool.record_scores(sweep), _paired_rows(REPO / RESULTS / report)
+        results = pool.merged_results(sweep, first_pass=False)
+        expected = _paired_rows(REPO / RESULTS / report)
     assert expected, f"no paired table in the {runs_from} report of {sweep}"
-    blocks = pool.compare(sweep, scores)
+    blocks = pool.compare(results)
     if all(setting is None for _, setting in expected):  # a one-setting report does not name its setting
         blocks = {(variant, None): rows for (variant, _), rows in blocks.items()}
     assert list(blocks) == list(expected)
