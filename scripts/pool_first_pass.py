@@ -139,5 +139,12 @@ def table(sweep: str) -> str:
 
 
 if __name__ == "__main__":
-    for sweep in sys.argv[1:] or list(FIRST_PASS_REPORT):
+    sweeps = sys.argv[1:] or list(FIRST_PASS_REPORT)
+    if unknown := [s for s in sweeps if s not in FIRST_PASS_REPORT]:
+        print(
+            f"error: no first pass for {', '.join(unknown)}; choose from {', '.join(FIRST_PASS_REPORT)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    for sweep in sweeps:
         print(table(sweep), end="\n\n")
