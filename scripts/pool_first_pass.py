@@ -23,6 +23,7 @@ from pathlib import Path
 from chainlora.recipes.report import PAPER_GAIN, PAPER_MEAN_GAIN, POOLED, paired_comparisons
 from chainlora.recipes.results import (
     RunResult,
+    SweepData,
     SweepResults,
     group_label,
     load_sweep,
@@ -55,10 +56,14 @@ def first_pass_scores(sweep: str) -> dict[str, tuple[float, float]]:
     return {m["name"]: (round(float(m["dev"]) / 100, 4), round(float(m["test"]) / 100, 4)) for m in rows}
 
 
-def merged_results(sweep: str, *, records: bool = True, first_pass: bool = True) -> SweepResults:
+def merged_results(
+    sweep: str, *, records: bool = True, first_pass: bool = True, data: SweepData | None = None
+) -> SweepResults:
     """The sweep as its report sees it, from its committed records, the first-pass rows of the runs without a
-    record, or both (``records`` / ``first_pass``); every planned run that neither gives is still to run."""
-    data = load_sweep(RESULTS / "records" / sweep)
+    record, or both (``records`` / ``first_pass``); every planned run that neither gives is still to run.
+    ``data``: the sweep's records as :func:`load_sweep` read them, if already read (their results are replaced)."""
+    if data is None:
+        data = load_sweep(RESULTS / "records" / sweep)
     data.results = [
         replace(r, dev_score=_printed(r.dev_score), test_score=_printed(r.test_score))
         for r in (data.results if records else [])
@@ -70,8 +75,8 @@ def merged_results(sweep: str, *, records: bool = True, first_pass: bool = True)
             for s in data.planned
             if s.name in rows and s.name not in done
         ]
-    done, base = {r.name for r in data.results}, data.plan.get("base") or {}
-    data.pending = Counter(planned_cell(s, base) for s in data.planned if s.name not in done)
+    base = data.plan.get("base") or {}
+    data.pending = Counter(planned_cell(s, base) for s in data.to_run)
     return SweepResults.from_sweep(data, percent=True)
 
 
@@ -108,8 +113,9 @@ def source(names: list[str], records: set[str]) -> str:
 
 def table(sweep: str) -> str:
     """The comparison as markdown, one block per COLA variant and setting."""
-    results = merged_results(sweep)
-    records = {r.name for r in load_sweep(RESULTS / "records" / sweep).results}
+    data = load_sweep(RESULTS / "records" / sweep)
+    records = {r.name for r in data.results}
+    results = merged_results(sweep, data=data)
     lines = [f"`{sweep}`: committed records where they exist, else first-pass rows"]
     for (variant, setting), rows in compare(results).items():
         lines += [
