@@ -215,7 +215,9 @@ def probe(args) -> None:
     for _ in range(args.warmup):
         runner.step()
     gc.collect()
-    benchlib.reset_peak_rss()  # first: the high-water mark restarts at the current RSS, so peak >= resident
+    # first: the high-water mark restarts at the current RSS, so peak >= resident (up to the kernel's per-CPU
+    # RSS counter slack, a fraction of a MiB on a few CPUs)
+    benchlib.reset_peak_rss()
     resident = benchlib.rss_mib()
     for _ in range(args.probe_steps):
         runner.step()

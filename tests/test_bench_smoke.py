@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from chainlora import perf, tie_knot
 from chainlora.testing import tiny_causal_lm
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# Linux keeps a process's RSS in per-CPU counters (percpu_counter, batch max(32, 2 * CPUs) pages) and /proc sums
+# them approximately, so two reads (VmRSS, then VmHWM) can each be off by up to batch × online CPUs pages.
+_ONLINE_CPUS = os.sysconf("SC_NPROCESSORS_ONLN")
+RSS_COUNTER_SLACK_MIB = 2 * max(32, 2 * _ONLINE_CPUS) * _ONLINE_CPUS * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def bench_module(name: str):
@@ -51,8 +57,12 @@ def test_train_step_quick(tmp_path):
     # CPU MFU is against the matmul rate measured in the same process, per compute dtype (no value asserted)
     assert set(saved["matmul_peak"]) == {"fp32", "bf16"} and "measured" in saved["mfu_peak_source"]
     assert cola["mfu_peak_tflops"] == saved["matmul_peak"]["bf16"]["tflops"] and cola["mfu"] > 0
-    for variant in (peft_run, cola):  # the CPU memory probe ran in its own process
-        assert variant["memory"]["peak_rss_mib"] >= variant["memory"]["resident_mib"] > 0
+    # The CPU memory probe ran in its own process. peak >= resident holds up to the kernel's RSS counter slack
+    # (CI once read a peak 0.18 MiB below the resident figure read before the steps).
+    for variant in (peft_run, cola):
+        memory = variant["memory"]
+        assert memory["resident_mib"] > 0
+        assert memory["peak_rss_mib"] >= memory["resident_mib"] - RSS_COUNTER_SLACK_MIB
 
 
 def test_knot_cost_quick(tmp_path):
@@ -145,7 +155,7 @@ def test_sft_vs_trl_quick(tmp_path):
         assert 0 < run["real_tokens"] <= run["fed_tokens"] and 0 < run["loss_tokens"] <= run["real_tokens"]
         assert run["memory"]["real_tokens"] == 3 * sum(saved["heaviest_batch_lengths"])  # 3 steps, same batch
         if measures_rss:
-            assert run["peak_delta_mib"] >= 0 and run["memory"]["peak_delta_mib"] >= 0
+            assert min(run["peak_delta_mib"], run["memory"]["peak_delta_mib"]) >= -RSS_COUNTER_SLACK_MIB
         if name.startswith("cola:"):  # 3 links over 3 steps: a knot after steps 1 and 2, each timed
             assert run["knots"] == [1, 2] and len(run["knot_seconds"]) == 2 and 0 < run["knot_share"] < 1
             assert run["loss_tokens"] < run["real_tokens"]  # assistant turns only
