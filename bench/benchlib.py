@@ -325,6 +325,12 @@ class MatmulPeak:
 
 # ---------------------------------------------------------------------------------------------------- memory
 
+# Linux keeps a process's RSS in per-CPU counters (percpu_counter, batch max(32, 2 * CPUs) pages) and /proc sums
+# them approximately, so each read below (VmRSS, VmHWM) can be off by up to batch × online CPUs pages, and two
+# reads compared with each other by twice that: peak >= resident holds to within this slack, not to the byte.
+_ONLINE_CPUS = os.sysconf("SC_NPROCESSORS_ONLN")
+RSS_COUNTER_SLACK_MIB = 2 * max(32, 2 * _ONLINE_CPUS) * _ONLINE_CPUS * os.sysconf("SC_PAGE_SIZE") / 2**20
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:

@@ -215,8 +215,8 @@ def probe(args) -> None:
     for _ in range(args.warmup):
         runner.step()
     gc.collect()
-    # first: the high-water mark restarts at the current RSS, so peak >= resident (up to the kernel's per-CPU
-    # RSS counter slack, a fraction of a MiB on a few CPUs)
+    # first: the high-water mark restarts at the current RSS, so peak >= resident (within
+    # benchlib.RSS_COUNTER_SLACK_MIB)
     benchlib.reset_peak_rss()
     resident = benchlib.rss_mib()
     for _ in range(args.probe_steps):
