@@ -3,8 +3,9 @@
 The first pass's run folders were lost (``docs/results/cpu_paper_protocol/records/README.md``); its report keeps
 every run's dev and test score, and each rerun reproduces its first-pass row exactly
 (``tests/test_committed_results.py``). So a run here is its committed record where one exists, else its first-pass
-row, both read at the precision the reports print (×100, two decimals), so that a rerun and its first-pass row are
-the same number. The comparison is ``chainlora report``'s own (:func:`~chainlora.recipes.report.paired_comparisons`
+row, both read at the precision the reports print (×100, two decimals) when the two sources are joined, so that a
+rerun and its first-pass row are the same number (the records alone are read at their full precision, as the
+regenerated report reads them). The comparison is ``chainlora report``'s own (:func:`~chainlora.recipes.report.paired_comparisons`
 over the sweep's plan): a cell takes part once every planned run of it has finished, at the learning rate of best
 mean dev score, COLA paired with LoRA by seed. Once the records alone cover the first pass, ``chainlora report``
 gives the same table and this script can go.
@@ -60,12 +61,13 @@ def merged_results(
     sweep: str, *, records: bool = True, first_pass: bool = True, data: SweepData | None = None
 ) -> SweepResults:
     """The sweep as its report sees it, from its committed records, the first-pass rows of the runs without a
-    record, or both (``records`` / ``first_pass``); every planned run that neither gives is still to run.
+    record, or both (``records`` / ``first_pass``); every planned run that neither gives is still to run. Joined,
+    both are read at the printed precision; the records alone, at full precision.
     ``data``: the sweep's records as :func:`load_sweep` read them, if already read (their results are replaced)."""
     if data is None:
         data = load_sweep(RESULTS / "records" / sweep)
     data.results = [
-        replace(r, dev_score=_printed(r.dev_score), test_score=_printed(r.test_score))
+        replace(r, dev_score=_printed(r.dev_score), test_score=_printed(r.test_score)) if first_pass else r
         for r in (data.results if records else [])
     ]
     if first_pass:

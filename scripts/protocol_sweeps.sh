@@ -57,7 +57,9 @@ snapshot)
     git ls-files -z "$D/records" | xargs -0 git checkout-index --prefix="$snap/" --
     for entry in "${REPORTS[@]}"; do
         read -r sweep report plots <<<"$entry"
-        git ls-files "$D/records/$sweep" | grep -q metrics.json || continue
+        # grep reads the whole list: `grep -q` would stop at the first match, git ls-files would then die of
+        # SIGPIPE, and under pipefail the sweep's report would be skipped without a word
+        git ls-files "$D/records/$sweep" | grep metrics.json >/dev/null || continue
         (cd "$snap" && OMP_NUM_THREADS=1 "$root/.venv/bin/chainlora" report "$D/records/$sweep" \
             --output "$D/$report.md" --plots_dir "$D/$plots" >/dev/null)
         cp "$snap/$D/$report.md" "$D/$report.md"
