@@ -5,10 +5,10 @@ every run's dev and test score, and each rerun reproduces its first-pass row exa
 (``tests/test_committed_results.py``). So a run here is its committed record where one exists, else its first-pass
 row, both read at the precision the reports print (×100, two decimals) when the two sources are joined, so that a
 rerun and its first-pass row are the same number (the records alone are read at their full precision, as the
-regenerated report reads them). The comparison is ``chainlora report``'s own (:func:`~chainlora.recipes.report.paired_comparisons`
-over the sweep's plan): a cell takes part once every planned run of it has finished, at the learning rate of best
-mean dev score, COLA paired with LoRA by seed. Once the records alone cover the first pass, ``chainlora report``
-gives the same table and this script can go.
+regenerated report reads them). The comparison is ``chainlora report``'s own
+(:func:`~chainlora.recipes.report.paired_comparisons` over the sweep's plan): a cell takes part once every planned
+run of it has finished, at the learning rate of best mean dev score, COLA paired with LoRA by seed. Once the
+records alone cover the first pass, ``chainlora report`` gives the same table and this script can go.
 
     PYTHONPATH=src python scripts/pool_first_pass.py [cpu_table6_low_data | cpu_table1_paper_scale]
 """

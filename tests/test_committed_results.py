@@ -118,14 +118,15 @@ def test_pooling_script_gives_each_reports_table_from_its_runs(sweep: str, runs_
     report's to the precision the report prints (0.01 points, p to 0.001)."""
     pool = _pooling_script()
     report, _ = REPORTS[sweep]
-    # from the records: half a unit of the printed last digit (and a hair for the float that rounded to it)
-    points_tol, p_tol = (0.011, 0.002) if runs_from == "first_pass" else (0.005 + 1e-9, 0.0005 + 1e-9)
     if runs_from == "first_pass":
         results = pool.merged_results(sweep, records=False)
         expected = _paired_rows(REPO / RESULTS / "first_pass" / report)
+        points_tol, p_tol = 0.011, 0.002
     else:
         results = pool.merged_results(sweep, first_pass=False)
         expected = _paired_rows(REPO / RESULTS / report)
+        # half a unit of the printed last digit (and a hair for the float that rounded to it)
+        points_tol, p_tol = 0.005 + 1e-9, 0.0005 + 1e-9
     assert expected, f"no paired table in the {runs_from} report of {sweep}"
     blocks = pool.compare(results)
     if all(setting is None for _, setting in expected):  # a one-setting report does not name its setting
